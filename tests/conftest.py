@@ -1,0 +1,28 @@
+"""Shared fixtures: one tiny but real fine-tuning run that every stage's tests reuse."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach a hub
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """all-MiniLM-L6-v2 fine-tuned for a few dozen steps on a slice of the default data.
+
+    Long enough to separate clearly positive from clearly negative reviews, short enough
+    (~30 s on 2 cores) for every test run.
+    """
+    from train.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("stage") / "model"
+    train(TrainConfig(output=str(out), max_train_samples=1024, max_eval_samples=128, max_steps=40,
+                      batch_size=16, eval_steps=20, max_length=64, learning_rate=1e-4))
+    return out

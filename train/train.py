@@ -1,0 +1,277 @@
+"""train/: fine-tune a pretrained encoder with a classification head.
+
+Reads top to bottom: load and split the data, tokenize, build the model (full fine-tuning
+or LoRA), train with transformers' Trainer (AdamW, linear warm-up, weight decay, early
+stopping on validation accuracy), evaluate on the movie-disjoint test split, and write
+the model directory plus ``train_manifest.json``.  LoRA adapters are merged into the base
+weights, so export/ always sees a plain ``BertForSequenceClassification``.
+
+    python -m train --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from train.cliargs import add_config_args, config_from_args
+from train.data import DEFAULT_DATA, DEFAULT_MODEL, DataSpec, Splits, load_splits, resolve_model
+from train.errors import UserError, run_cli
+
+MANIFEST = "train_manifest.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "base encoder: the embedded default, a local directory or a hub id"})
+    data: str = field(default=DEFAULT_DATA, metadata={"help": "the embedded default, a CSV/TSV/JSONL file, or a hub dataset name"})
+    text_column: str = field(default="text", metadata={"help": "text column of a data file"})
+    label_column: str = field(default="label", metadata={"help": "label column of a data file"})
+    group_column: str | None = field(default=None, metadata={"help": "keep each value of this column in one split (default data: movie_name)"})
+    output: str = field(default="artifacts/model", metadata={"help": "model directory to write"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing model in --output"})
+    method: Literal["full", "lora"] = field(default="full", metadata={"help": "full fine-tuning or LoRA adapters (merged at the end)"})
+    seed: int = field(default=42, metadata={"help": "seed for the split, the head initialisation and shuffling"})
+    max_length: int = field(default=128, metadata={"help": "tokens per text; longer texts are truncated (median snippet: ~25 tokens)"})
+    epochs: float = field(default=2.0, metadata={"help": "passes over the training split (early stopping may end sooner)"})
+    max_steps: int = field(default=-1, metadata={"help": "stop after this many optimizer steps (-1: use --epochs)"})
+    max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training rows (for quick runs)"})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "use only the first N validation and test rows (for quick runs)"})
+    batch_size: int = field(default=32, metadata={"help": "examples per device step"})
+    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "peak AdamW learning rate; small encoders like a higher one than BERT-base"})
+    lora_learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate with --method lora (adapters need ~10x full FT)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    warmup_ratio: float = field(default=0.06, metadata={"help": "fraction of steps of linear warm-up"})
+    eval_steps: int = field(default=100, metadata={"help": "evaluate on validation every N steps"})
+    patience: int = field(default=3, metadata={"help": "early stopping: evaluations without improvement"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator"})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
+    eval_batch_size: int = field(default=128, metadata={"help": "examples per evaluation step"})
+    tensorboard: bool = field(default=False, metadata={"help": "log to TensorBoard under OUTPUT/../runs"})
+    threads: int | None = field(default=None, metadata={"help": "torch intra-op threads (default: all cores)"})
+
+    def __post_init__(self) -> None:
+        for name in ("max_length", "batch_size", "grad_accum", "eval_steps", "patience", "lora_r", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise UserError(f"--max-steps must be -1 or >= 1, got {self.max_steps}")
+        if self.epochs <= 0 or self.learning_rate <= 0:
+            raise UserError("--epochs and --learning-rate must be positive")
+        for name in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 2:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 2, got {getattr(self, name)}")
+
+    @property
+    def data_spec(self) -> DataSpec:
+        return DataSpec(source=self.data, text_column=self.text_column, label_column=self.label_column,
+                        group_column=self.group_column, seed=self.seed)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n\n")[0])
+    add_config_args(parser, TrainConfig)
+    config = config_from_args(TrainConfig, parser.parse_args(argv))
+    return train(config)
+
+
+def train(config: TrainConfig) -> dict:
+    """Fine-tune, evaluate and save; returns the manifest that was written."""
+    output = Path(config.output)
+    _check_output(output, config.overwrite)
+    model_path = resolve_model(config.model)
+    splits = load_splits(config.data_spec)
+    if config.max_train_samples:
+        splits.train = splits.train.iloc[: config.max_train_samples]
+    if config.max_eval_samples:
+        splits.validation = splits.validation.iloc[: config.max_eval_samples]
+        splits.test = splits.test.iloc[: config.max_eval_samples]
+    print(f"data: {config.data} -> {splits.describe()['sizes']} labels={splits.label_names}")
+
+    import torch
+    import transformers
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    transformers.set_seed(config.seed)
+    tokenizer, model = _load_model(model_path, splits.label_names)
+    train_ds, val_ds, test_ds = (_tokenize(tokenizer, part, splits.label_names, config.max_length)
+                                 for part in (splits.train, splits.validation, splits.test))
+    if config.method == "lora":
+        model = _wrap_lora(model, config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"model: {model_path} method={config.method} trainable={trainable:,} / {total:,} parameters")
+
+    staging = Path(tempfile.mkdtemp(prefix=".train-", dir=output.parent if output.parent.exists() else None))
+    try:
+        trainer = _make_trainer(config, model, tokenizer, train_ds, val_ds, staging / "checkpoints")
+        started = time.perf_counter()
+        result = trainer.train()
+        train_seconds = time.perf_counter() - started
+        validation = trainer.predict(val_ds, metric_key_prefix="validation").metrics
+        test = trainer.predict(test_ds, metric_key_prefix="test").metrics
+        model = trainer.model
+        if config.method == "lora":
+            model = model.merge_and_unload()
+        model_dir = staging / "model"
+        model.save_pretrained(model_dir, safe_serialization=True)
+        tokenizer.model_max_length = config.max_length
+        tokenizer.save_pretrained(model_dir)
+        manifest = _manifest(config, model_path, splits, trainable, total, result, train_seconds, validation, test)
+        (model_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (model_dir / "split_groups.json").write_text(json.dumps(splits.groups, indent=1) + "\n")
+        _replace_dir(model_dir, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    m = manifest["metrics"]
+    print(f"test accuracy={m['test']['accuracy']:.4f} macro_f1={m['test']['macro_f1']:.4f} "
+          f"(validation {m['validation']['accuracy']:.4f}); trained in {train_seconds / 60:.1f} min -> {output}")
+    return manifest
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file; expected a directory")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        what = "a trained model" if (output / MANIFEST).exists() else "other files"
+        raise UserError(f"--output {output} already holds {what}; pass --overwrite to replace it or choose another --output")
+    output.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move ``new`` into place; the old directory is removed only once the new one is complete."""
+    old = target.with_name(target.name + ".old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    shutil.move(str(new), str(target))
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_model(model_path: str, label_names: list[str]):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    id2label = dict(enumerate(label_names))
+    label2id = {name: i for i, name in id2label.items()}
+    hf_logging.set_verbosity_error()  # the "newly initialized classifier" warning is expected here
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_path, num_labels=len(label_names), id2label=id2label, label2id=label2id)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load model {model_path!r}: {str(err).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity_warning()
+    return tokenizer, model
+
+
+def _tokenize(tokenizer, frame, label_names: list[str], max_length: int):
+    from datasets import Dataset
+
+    label_ids = {name: i for i, name in enumerate(label_names)}
+    ds = Dataset.from_dict({"text": frame["text"].tolist(), "labels": [label_ids[x] for x in frame["label"]]})
+    # No padding here: DataCollatorWithPadding pads each batch to its own longest text.
+    return ds.map(lambda b: tokenizer(b["text"], truncation=True, max_length=max_length),
+                  batched=True, remove_columns=["text"], desc="tokenize")
+
+
+def _wrap_lora(model, config: TrainConfig):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=config.lora_r, lora_alpha=config.lora_alpha,
+                      lora_dropout=config.lora_dropout,
+                      # every linear layer of the encoder: attention projections and the FFN
+                      target_modules=["query", "key", "value", "dense"],
+                      modules_to_save=["classifier", "pooler"])
+    return get_peft_model(model, lora)
+
+
+def compute_metrics(eval_pred) -> dict:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    logits, labels = eval_pred
+    preds = logits.argmax(-1)
+    return {"accuracy": float(accuracy_score(labels, preds)), "macro_f1": float(f1_score(labels, preds, average="macro"))}
+
+
+def _make_trainer(config: TrainConfig, model, tokenizer, train_ds, val_ds, checkpoints: Path):
+    import torch
+    from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(checkpoints),
+        learning_rate=config.lora_learning_rate if config.method == "lora" else config.learning_rate,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        weight_decay=config.weight_decay,
+        warmup_ratio=config.warmup_ratio,
+        lr_scheduler_type="linear",
+        optim="adamw_torch",
+        eval_strategy="steps",
+        eval_steps=config.eval_steps,
+        save_strategy="steps",
+        save_steps=config.eval_steps,
+        save_total_limit=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="accuracy",
+        group_by_length=True,  # batches of similar length: less padding, faster on CPU
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        fp16=cuda and not torch.cuda.is_bf16_supported(),
+        logging_steps=max(1, config.eval_steps // 4),
+        report_to=["tensorboard"] if config.tensorboard else [],
+        logging_dir=str(Path(config.output).parent / "runs") if config.tensorboard else None,
+        seed=config.seed,
+        data_seed=config.seed,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=cuda,
+        disable_tqdm=False,
+    )
+    return Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                   data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
+                   compute_metrics=compute_metrics,
+                   callbacks=[EarlyStoppingCallback(early_stopping_patience=config.patience)])
+
+
+def _manifest(config, model_path, splits: Splits, trainable, total, result, seconds, validation, test) -> dict:
+    import importlib.metadata as md
+
+    versions = {pkg: md.version(pkg) for pkg in ("torch", "transformers", "peft", "datasets", "accelerate")}
+    pick = lambda metrics, prefix: {k: round(metrics[f"{prefix}_{k}"], 5) for k in ("accuracy", "macro_f1")}
+    return {
+        "kind": "trimserve.model",
+        "base_model": config.model,
+        "base_model_path": model_path,
+        "method": config.method,
+        "data": {**asdict(config.data_spec), "group_column": splits.train.columns.__contains__("group")
+                 and (config.group_column or "movie_name"), **splits.describe()},
+        "labels": splits.label_names,
+        "max_length": config.max_length,
+        "seed": config.seed,
+        "hyperparameters": asdict(config),
+        "parameters": {"total": total, "trainable": trainable},
+        "metrics": {"validation": pick(validation, "validation"), "test": pick(test, "test")},
+        "train": {"seconds": round(seconds, 1), "steps": result.global_step, "loss": round(result.training_loss, 5),
+                  "threads": os.cpu_count() if config.threads is None else config.threads},
+        "versions": {"python": platform.python_version(), **versions},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+if __name__ == "__main__":
+    run_cli(main)

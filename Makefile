@@ -9,7 +9,7 @@ ART := artifacts
 INSTALLED := $(VENV)/.installed
 EXTRAS ?= cpu,test,tensorboard
 
-.PHONY: setup train export perf pipeline serve build test loadtest clean
+.PHONY: setup train export perf pipeline serve test clean
 
 $(INSTALLED): pyproject.toml requirements.lock
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,26 @@ $(ART)/model/train_manifest.json: $(INSTALLED)
 	$(BIN)/python -m train --output $(ART)/model --overwrite
 
 train: $(ART)/model/train_manifest.json
+
+$(ART)/variants/manifest.json: $(ART)/model/train_manifest.json
+	$(BIN)/python -m export --model $(ART)/model --output $(ART)/variants --overwrite
+
+export: $(ART)/variants/manifest.json
+
+$(ART)/selected.json: $(ART)/variants/manifest.json
+	$(BIN)/python -m perf --variants $(ART)/variants --output $(ART)/perf --selected $@
+
+perf: $(ART)/selected.json
+pipeline: $(ART)/selected.json
+
+# A local API key for the quick start (kept out of git); production reads its own keys file.
+.keys:
+	$(BIN)/python -c "import secrets; print(secrets.token_urlsafe(32))" > $@
+	chmod 600 $@
+
+serve: $(ART)/selected.json .keys
+	@echo "report: $(ART)/perf/report.md, plot: $(ART)/perf/pareto.png; API key: first line of .keys"
+	TRIMSERVE_API_KEYS_FILE=.keys $(BIN)/bentoml serve serve.service:Classifier --port $${PORT:-3000}
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest

@@ -26,3 +26,14 @@ def tiny_model(tmp_path_factory) -> Path:
     train(TrainConfig(output=str(out), max_train_samples=1024, max_eval_samples=128, max_steps=40,
                       batch_size=16, eval_steps=20, max_length=64, learning_rate=1e-4))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_variants(tiny_model, tmp_path_factory) -> Path:
+    """Every CPU recipe built from ``tiny_model`` with small samples; returns the variants dir."""
+    from export.export import ExportConfig, export
+
+    out = tmp_path_factory.mktemp("stage") / "variants"
+    export(ExportConfig(model=str(tiny_model), output=str(out), max_train_samples=256, max_eval_samples=128,
+                        calibration_samples=16, importance_samples=64, distill_max_steps=4))
+    return out

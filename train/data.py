@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,10 +50,12 @@ class Splits:
     label_names: list[str]
     sha256: str
     groups: dict[str, list[str]] | None
+    spec: DataSpec
 
     def describe(self) -> dict:
+        """The spec that rebuilds these splits, plus their sizes and fingerprints."""
         sizes = {name: len(getattr(self, name)) for name in ("train", "validation", "test")}
-        info: dict = {"sizes": sizes, "label_names": self.label_names, "sha256": self.sha256}
+        info: dict = {**asdict(self.spec), "sizes": sizes, "label_names": self.label_names, "sha256": self.sha256}
         if self.groups is not None:
             info["groups_per_split"] = {k: len(v) for k, v in self.groups.items()}
             info["test_groups_sha256"] = _sha256_text("\n".join(sorted(self.groups["test"])))
@@ -183,6 +185,11 @@ def _normalise(frame: pd.DataFrame, spec: DataSpec) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
+def spec_from_description(description: dict) -> DataSpec:
+    """The DataSpec recorded by ``Splits.describe()`` in a manifest."""
+    return DataSpec(**{k: description[k] for k in DataSpec.__dataclass_fields__})
+
+
 def load_splits(spec: DataSpec) -> Splits:
     """Load the source and split it train / validation / test, deterministically from the seed."""
     if not (0 < spec.validation_fraction < 1 and 0 < spec.test_fraction < 1
@@ -204,7 +211,7 @@ def load_splits(spec: DataSpec) -> Splits:
     for name, part in parts.items():
         if part.empty:
             raise UserError(f"the {name} split is empty: the data has too few rows (or groups) to split")
-    return Splits(**parts, label_names=sorted(frame["label"].unique()), sha256=sha, groups=groups)
+    return Splits(**parts, label_names=sorted(frame["label"].unique()), sha256=sha, groups=groups, spec=spec)
 
 
 def _split_groups(group: pd.Series, spec: DataSpec, rng: np.random.Generator):

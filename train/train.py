@@ -258,8 +258,7 @@ def _manifest(config, model_path, splits: Splits, trainable, total, result, seco
         "base_model": config.model,
         "base_model_path": model_path,
         "method": config.method,
-        "data": {**asdict(config.data_spec), "group_column": splits.train.columns.__contains__("group")
-                 and (config.group_column or "movie_name"), **splits.describe()},
+        "data": splits.describe(),
         "labels": splits.label_names,
         "max_length": config.max_length,
         "seed": config.seed,

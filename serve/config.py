@@ -1,0 +1,184 @@
+"""What the service serves and how: ``ServeConfig``, read from ``TRIMSERVE_*`` variables.
+
+One variable per field (``max_batch_size`` is ``TRIMSERVE_MAX_BATCH_SIZE``).  A value that
+does not parse, is out of range, or a ``TRIMSERVE_*`` name that is not a field fails with
+one line naming the variable, the value and why.  :func:`resolve_variant` then finds the
+variant to serve and checks every file's sha256 against what export/ recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Mapping
+
+from export.manifest import MANIFEST, VARIANT_FILE, load_manifest, ok_variants, verify_files
+from serve.classifier import MODEL_FILE
+from train.errors import UserError
+
+PREFIX = "TRIMSERVE_"
+# What OnnxClassifier reads: each must have a recorded sha256 to be served.
+NEEDED_FILES = frozenset({MODEL_FILE, "config.json", "tokenizer.json", "tokenizer_config.json"})
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    selected: str = field(default="artifacts/selected.json", metadata={
+        "help": "selection file written by perf/: 'path' is the variant dir (relative to the working directory), "
+                "'files' the sha256 of each file"})
+    variant_dir: str | None = field(default=None, metadata={
+        "help": "serve this variant dir instead of the selection; hashes come from the manifest"})
+    manifest: str | None = field(default=None, metadata={
+        "help": "variants manifest for variant_dir (default: manifest.json beside the variant dir)"})
+    threads: int | None = field(default=None, metadata={
+        "help": "ONNX Runtime intra-op threads per worker (default: CPU cores / workers, so workers don't fight)"})
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={
+        "help": "auto: CUDA when onnxruntime-gpu sees a GPU, else CPU; cuda: fail unless CUDA is there"})
+    max_batch_size: int = field(default=32, metadata={
+        "help": "texts per model call; bigger batches pay off until the cores are busy (MiniLM fp32, 2 cores: "
+                "17 ms/text alone, 7 ms/text in batches of 32)"})
+    max_latency_ms: int = field(default=500, metadata={
+        "help": "BentoML batching deadline: queued work that would finish later gets 503 at once; keep it several "
+                "times the run time of a full batch"})
+    max_texts_per_request: int = field(default=64, metadata={"help": "more texts in one request gives 400"})
+    max_text_chars: int = field(default=10_000, metadata={
+        "help": "a longer text gives 400; shorter texts over the model's token limit are truncated and counted"})
+    max_concurrency: int = field(default=64, metadata={
+        "help": "requests in flight over all workers; more get 429 at once instead of queueing"})
+    timeout_s: float = field(default=10.0, metadata={"help": "a request still running after this gets 504"})
+    workers: int = field(default=1, metadata={"help": "worker processes, each with its own model copy"})
+    api_keys: tuple[str, ...] = field(default=(), repr=False, metadata={
+        "help": "comma-separated bearer keys (prefer api_keys_file: env vars show up in process listings)"})
+    api_keys_file: str | None = field(default=None, metadata={"help": "file with one bearer key per line"})
+    allow_no_auth: bool = field(default=False, metadata={
+        "help": "serve without keys (only behind a gateway that authenticates); without it, no keys refuses to start"})
+    protect_metrics: bool = field(default=False, metadata={"help": "require a key for /metrics too"})
+
+    def __post_init__(self) -> None:
+        for name, low in [("max_batch_size", 2), ("max_latency_ms", 1), ("max_texts_per_request", 1),
+                          ("max_text_chars", 1), ("max_concurrency", 1), ("workers", 1), ("threads", 1)]:
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise UserError(f"{env_name(name)}={value!r} is not valid: expected an integer >= {low}")
+        if self.timeout_s <= 0:
+            raise UserError(f"{env_name('timeout_s')}={self.timeout_s!r} is not valid: expected seconds > 0")
+        if not (self.api_keys or self.allow_no_auth):
+            raise UserError(f"no API keys: set {env_name('api_keys_file')} (one key per line) or {env_name('api_keys')}, "
+                            f"or {env_name('allow_no_auth')}=1 to serve without auth behind an authenticating gateway")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServeConfig:
+        """The config from ``TRIMSERVE_*`` variables (``os.environ`` unless given)."""
+        environ = os.environ if environ is None else environ
+        hints = typing.get_type_hints(cls)
+        fields = {env_name(f.name): f for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in environ if k.startswith(PREFIX) and k not in fields)
+        if unknown:
+            raise UserError(f"unknown variable {unknown[0]}; trimserve reads {', '.join(fields)}")
+        # An empty variable counts as unset, as container and Kubernetes manifests often leave them.
+        values = {f.name: _parse(var, environ[var].strip(), hints[f.name])
+                  for var, f in fields.items() if environ.get(var, "").strip()}
+        if values.get("api_keys_file"):
+            if values.get("api_keys"):
+                raise UserError(f"both {env_name('api_keys')} and {env_name('api_keys_file')} are set; set only one")
+            values["api_keys"] = read_keys(Path(values["api_keys_file"]))
+        return cls(**values)
+
+    @property
+    def ort_threads(self) -> int:
+        # The cores this process may run on; a container's CPU quota is not visible here.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return self.threads or max(1, cores // self.workers)
+
+
+def env_name(field_name: str) -> str:
+    return PREFIX + field_name.upper()
+
+
+def _parse(var: str, raw: str, tp: typing.Any) -> typing.Any:
+    """One variable's text as the field's type, or a UserError naming the variable."""
+    if type(None) in typing.get_args(tp):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is Literal:
+        if raw not in typing.get_args(tp):
+            raise UserError(f"{var}={raw!r} is not valid: expected one of {', '.join(typing.get_args(tp))}")
+        return raw
+    if tp is bool:
+        if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise UserError(f"{var}={raw!r} is not valid: expected 1/true/yes or 0/false/no")
+        return raw.lower() in ("1", "true", "yes")
+    if typing.get_origin(tp) is tuple:  # the API keys: never echo the value
+        keys = tuple(k.strip() for k in raw.split(",") if k.strip())
+        if not keys:
+            raise UserError(f"{var} is set but holds no keys: expected comma-separated keys")
+        return keys
+    try:
+        return tp(raw)
+    except ValueError:
+        kind = {int: "an integer", float: "a number"}.get(tp, tp.__name__)
+        raise UserError(f"{var}={raw!r} is not valid: expected {kind}") from None
+
+
+def read_keys(path: Path) -> tuple[str, ...]:
+    """Bearer keys, one per line; blank lines and ``#`` comments are skipped."""
+    if not path.is_file():
+        raise UserError(f"{env_name('api_keys_file')}={str(path)!r} is not valid: no such file")
+    keys = tuple(k for k in (line.strip() for line in path.read_text().splitlines()) if k and not k.startswith("#"))
+    if not keys:
+        raise UserError(f"{env_name('api_keys_file')}={str(path)!r} is not valid: the file holds no keys")
+    return keys
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A variant whose files all match their recorded sha256."""
+
+    name: str
+    directory: Path
+    max_length: int
+    model_sha256: str
+    files: int
+
+
+def resolve_variant(config: ServeConfig) -> Variant:
+    """The variant to serve, after checking every file against its recorded sha256."""
+    if config.variant_dir:
+        directory = Path(config.variant_dir)
+        info = _read_json(directory / VARIANT_FILE, f"{env_name('variant_dir')} must name a variant directory")
+        manifest = load_manifest(Path(config.manifest) if config.manifest else directory.parent / MANIFEST)
+        entry = next((v for v in ok_variants(manifest) if v["name"] == info.get("name")), None)
+        if entry is None:
+            raise UserError(f"variant {info.get('name')!r} is not an ok variant of {manifest['_root']}/{MANIFEST}; "
+                            f"set {env_name('manifest')} to the manifest export wrote with it")
+        source, expected = f"{manifest['_root']}/{MANIFEST}", entry["files"]
+        name, max_length = entry["name"], info["max_length"]
+    else:
+        selection = _read_json(Path(config.selected), "run `make perf` (or `python -m perf`) to select a variant, "
+                                                      f"or set {env_name('variant_dir')}")
+        missing = [k for k in ("variant", "path", "files", "max_length") if not selection.get(k)]
+        if missing:
+            raise UserError(f"{config.selected} has no {', '.join(missing)}; re-run perf to write a complete selection")
+        directory, source, expected = Path(selection["path"]), config.selected, selection["files"]
+        name, max_length = selection["variant"], selection["max_length"]
+    unlisted = sorted(NEEDED_FILES - set(expected))
+    if unlisted:
+        raise UserError(f"{source} records no sha256 for {', '.join(unlisted)} of {name}; re-run export")
+    bad = verify_files(directory, expected)
+    if bad:
+        raise UserError(f"refusing to serve {name} from {directory}: {', '.join(bad)} compared with the sha256 recorded "
+                        f"in {source}; re-export the variant, or point {env_name('selected')} or {env_name('variant_dir')} "
+                        "at the files export wrote")
+    return Variant(name, directory, int(max_length), expected[MODEL_FILE]["sha256"], len(expected))
+
+
+def _read_json(path: Path, hint: str) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; {hint}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err.msg}); {hint}") from None

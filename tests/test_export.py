@@ -1,0 +1,140 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from export.export import ExportConfig, export
+from export.manifest import load_manifest, ok_variants, variant_dir, verify_files
+from serve.classifier import OnnxClassifier
+from tests.conftest import REPO
+from train.data import DataSpec, load_splits
+from train.errors import UserError
+
+CPU_RECIPES = {"onnx-fp32", "onnx-opt", "int8-dynamic", "int8-static", "pruned-fp32", "pruned-int8"}
+
+
+@pytest.fixture(scope="module")
+def manifest(tiny_variants):
+    return load_manifest(tiny_variants)
+
+
+def test_manifest_lists_every_recipe_with_checks_and_hashes(manifest):
+    assert {v["name"] for v in manifest["variants"]} == CPU_RECIPES
+    assert {v["name"] for v in ok_variants(manifest)} == CPU_RECIPES
+    for v in manifest["variants"]:
+        assert v["check"]["passed"] and v["check"]["samples"] == 128
+        assert v["check"]["max_abs_logit_diff"] <= v["check"]["tolerance"]["max_abs_logit_diff"]
+        assert set(v["metrics"]) == {"validation", "test"}
+        assert len(v["files"]["model.onnx"]["sha256"]) == 64
+        assert verify_files(variant_dir(manifest, v), v["files"]) == []
+        assert json.loads((variant_dir(manifest, v) / "variant.json").read_text())["labels"] == ["fresh", "rotten"]
+    sizes = {v["name"]: v["files"]["model.onnx"]["bytes"] for v in manifest["variants"]}
+    assert sizes["int8-dynamic"] < sizes["onnx-fp32"] / 3  # int8 weights: about a quarter
+    assert sizes["pruned-int8"] < sizes["int8-dynamic"]
+
+
+def test_int8_recipes_record_their_configuration(manifest):
+    by_name = {v["name"]: v for v in manifest["variants"]}
+    assert by_name["int8-dynamic"]["recipe"]["isa"] == manifest["isa"]
+    assert by_name["int8-static"]["recipe"]["is_static"] is True
+    assert by_name["int8-static"]["recipe"]["calibration"]["samples"] == 16
+    assert by_name["onnx-opt"]["recipe"]["fused_operators"].get("Attention", 0) > 0
+
+
+def test_pruning_really_removes_structure(manifest):
+    pruned = next(v for v in manifest["variants"] if v["name"] == "pruned-fp32")
+    report = pruned["pruning"]
+    assert report["flops_reduction"] >= 0.40
+    assert report["after"]["parameters"] < report["before"]["parameters"]
+    assert sum(report["heads_per_layer"]) < 12 * 6 and sum(report["ffn_per_layer"]) < 1536 * 6
+    assert report["distillation"]["steps"] == 4
+
+
+def test_every_variant_predicts_like_pytorch(manifest, tiny_model):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    texts = load_splits(DataSpec()).validation["text"].tolist()[:32]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        expected = model(**tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")).logits
+    expected = expected.numpy().argmax(1)
+    for v in ok_variants(manifest):
+        if v["name"].startswith("pruned"):
+            continue  # a different (smaller) model: checked against its own PyTorch form below
+        clf = OnnxClassifier(variant_dir(manifest, v))
+        preds = np.array([clf.labels.index(p["label"]) for p in clf.predict(texts)])
+        assert (preds == expected).mean() >= 0.9, v["name"]
+
+
+def test_pruned_pytorch_weights_reload_and_match_onnx(manifest):
+    import torch
+    from transformers import AutoTokenizer
+
+    from export.prune import load_pruned
+
+    root = variant_dir(manifest, {"path": "pruned-torch"})
+    model = load_pruned(root)
+    onnx_dir = variant_dir(manifest, next(v for v in manifest["variants"] if v["name"] == "pruned-fp32"))
+    texts = ["a warm, funny film", "tedious and far too long"]
+    batch = AutoTokenizer.from_pretrained(onnx_dir)(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch_logits = model(**batch).logits.numpy()
+    clf = OnnxClassifier(onnx_dir)
+    onnx_logits = clf.logits(clf.encode(texts))
+    assert np.abs(torch_logits - onnx_logits).max() < 1e-3
+
+
+def test_corrupt_onnx_file_is_refused_by_readers(manifest, tmp_path):
+    copy = tmp_path / "variants"
+    shutil.copytree(manifest["_root"], copy)
+    model = copy / "int8-dynamic" / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    reloaded = load_manifest(copy)
+    variant = next(v for v in reloaded["variants"] if v["name"] == "int8-dynamic")
+    assert verify_files(copy / "int8-dynamic", variant["files"]) == ["model.onnx (sha256 mismatch)"]
+    model.write_bytes(b"not an onnx graph")
+    with pytest.raises(Exception):
+        OnnxClassifier(copy / "int8-dynamic")
+
+
+def test_missing_model_directory_and_bad_arguments(tmp_path, tiny_model):
+    with pytest.raises(UserError, match="does not exist; run `python -m train` first"):
+        export(ExportConfig(model=str(tmp_path / "none"), output=str(tmp_path / "v")))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="is not valid JSON"):
+        export(ExportConfig(model=str(broken), output=str(tmp_path / "v")))
+    (broken / "config.json").write_text(json.dumps({"model_type": "gpt2", "id2label": {"0": "a"}}))
+    with pytest.raises(UserError, match="unsupported architecture 'gpt2'"):
+        export(ExportConfig(model=str(broken), output=str(tmp_path / "v")))
+    with pytest.raises(UserError, match="unknown recipe\\(s\\) int4; choose from"):
+        ExportConfig(recipes=("int4",))
+    with pytest.raises(UserError, match="needs a CUDA device"):
+        export(ExportConfig(model=str(tiny_model), output=str(tmp_path / "v"), recipes=("onnx-fp16",), device="cpu"))
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "export", "--model", str(tmp_path / "none")], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: model directory")
+    proc = subprocess.run([sys.executable, "-m", "export", "--isa", "sse"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def test_isa_resolution():
+    from export.machine import resolve_isa
+
+    host = {"arch": "x86_64", "flags": ["avx2", "fma"], "cpu": "test cpu"}
+    assert resolve_isa("auto", host) == "avx2"
+    with pytest.raises(UserError, match="lacks it"):
+        resolve_isa("avx512_vnni", host)
+    assert resolve_isa("auto", {"arch": "aarch64", "flags": [], "cpu": "arm"}) == "arm64"

@@ -1,5 +1,7 @@
 """Structured pruning of a BERT classifier: heads and FFN neurons really removed.
 
+0. Optionally, whole layers: dropped greedily by the validation-free loss on training
+   batches (``choose_layers``), before anything else.
 1. Importance (first-order Taylor, Michel et al. 2019 for heads, Molchanov et al. 2019 for
    neurons): masking head h scales the input columns of the attention output projection that
    belong to h, so dL/d(mask_h) = sum over those columns of W * dL/dW.  The same holds for an
@@ -27,16 +29,17 @@ PRUNING_FILE = "pruning.json"
 
 @dataclass
 class PrunePlan:
-    heads: dict[int, list[int]]  # layer -> head indices to remove (original numbering)
-    neurons: dict[int, list[int]]  # layer -> FFN neuron indices to KEEP
+    layers: list[int]  # encoder layers to KEEP (original numbering); applied first
+    heads: dict[int, list[int]]  # kept layer (new numbering) -> head indices to remove
+    neurons: dict[int, list[int]]  # kept layer (new numbering) -> FFN neuron indices to KEEP
 
     def to_json(self) -> dict:
-        return {"remove_heads": {str(k): v for k, v in self.heads.items()},
+        return {"keep_layers": self.layers, "remove_heads": {str(k): v for k, v in self.heads.items()},
                 "keep_ffn_neurons": {str(k): v for k, v in self.neurons.items()}}
 
     @classmethod
     def from_json(cls, data: dict) -> "PrunePlan":
-        return cls(heads={int(k): v for k, v in data["remove_heads"].items()},
+        return cls(layers=data["keep_layers"], heads={int(k): v for k, v in data["remove_heads"].items()},
                    neurons={int(k): v for k, v in data["keep_ffn_neurons"].items()})
 
 
@@ -78,7 +81,36 @@ def importance(model, batches, device: str = "cpu") -> tuple[torch.Tensor, torch
     return head_score, ffn_score
 
 
-def plan(model, head_score: torch.Tensor, ffn_score: torch.Tensor, target: float,
+def choose_layers(model, batches: list, keep: int) -> list[int]:
+    """Greedily drop the encoder layer whose removal raises the loss least, until ``keep`` remain.
+
+    Whole layers remove per-layer fixed costs (kernel launches, LayerNorms, the attention
+    softmax) that head and neuron pruning leave in place; those dominate at batch 1.
+    """
+    kept = list(range(len(model.bert.encoder.layer)))
+    original = model.bert.encoder.layer
+    while len(kept) > keep:
+        losses = {}
+        for candidate in kept:
+            _keep_layers(model, original, [l for l in kept if l != candidate])
+            losses[candidate] = _loss(model, batches)
+        kept.remove(min(losses, key=losses.get))
+    _keep_layers(model, original, list(range(len(original))))
+    return kept
+
+
+def _keep_layers(model, layers, indices: list[int]) -> None:
+    model.bert.encoder.layer = torch.nn.ModuleList([layers[i] for i in indices])
+    model.config.num_hidden_layers = len(indices)
+
+
+@torch.no_grad()
+def _loss(model, batches) -> float:
+    model.eval()
+    return sum(float(model(**batch).loss) for batch in batches) / len(batches)
+
+
+def plan(model, head_score: torch.Tensor, ffn_score: torch.Tensor, target: float, layers: list[int],
          min_ffn: int = 64) -> PrunePlan:
     """Remove the ``target`` share of heads and of FFN neurons, least important first.
 
@@ -93,7 +125,7 @@ def plan(model, head_score: torch.Tensor, ffn_score: torch.Tensor, target: float
     heads = _lowest(head_norm, round(target * head_norm.numel()), keep_per_row=1)
     drop_ffn = _lowest(ffn_norm, round(target * ffn_norm.numel()), keep_per_row=min_ffn)
     keep = {l: [n for n in range(ffn_score.shape[1]) if n not in set(drop_ffn[l])] for l in drop_ffn}
-    return PrunePlan(heads=heads, neurons=keep)
+    return PrunePlan(layers=layers, heads=heads, neurons=keep)
 
 
 def _lowest(scores: torch.Tensor, count: int, keep_per_row: int) -> dict[int, list[int]]:
@@ -110,9 +142,10 @@ def _lowest(scores: torch.Tensor, count: int, keep_per_row: int) -> dict[int, li
 
 
 def apply(model, prune_plan: PrunePlan):
-    """Remove the planned heads and neurons from ``model`` in place (real, smaller matrices)."""
+    """Remove the planned layers, heads and neurons from ``model`` in place (real, smaller matrices)."""
     from transformers.pytorch_utils import prune_linear_layer
 
+    apply_layers(model, prune_plan.layers)
     model.prune_heads({l: h for l, h in prune_plan.heads.items() if h})
     for l, keep in prune_plan.neurons.items():
         layer = model.bert.encoder.layer[l]
@@ -120,6 +153,12 @@ def apply(model, prune_plan: PrunePlan):
         layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, index, dim=0)
         layer.output.dense = prune_linear_layer(layer.output.dense, index, dim=1)
     return model
+
+
+def apply_layers(model, layers: list[int]) -> None:
+    """Keep only ``layers`` (original numbering) of the encoder."""
+    if layers != list(range(len(model.bert.encoder.layer))):
+        _keep_layers(model, model.bert.encoder.layer, layers)
 
 
 def save_pruned(model, prune_plan: PrunePlan, out: Path, base_config: dict) -> None:

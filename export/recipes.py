@@ -73,11 +73,19 @@ def _quantize(ctx, source: Path, target: Path, is_static: bool, calibration_text
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
     quantizer = ORTQuantizer.from_pretrained(source, file_name=MODEL_FILE)
-    qconfig = getattr(AutoQuantizationConfig, ctx.isa)(is_static=is_static, per_channel=ctx.config.per_channel)
+    extra = {}
+    if is_static:
+        # Static ranges are fixed at calibration: only MatMuls with a weight are quantized,
+        # and the FFN down-projection stays fp32 (its post-GELU input has outliers ~100x the
+        # median, which a fixed int8 range cannot hold without breaking the model).
+        extra = {"operators_to_quantize": ["MatMul"], "nodes_to_exclude": _static_exclusions(source / MODEL_FILE)}
+    qconfig = getattr(AutoQuantizationConfig, ctx.isa)(is_static=is_static, per_channel=ctx.config.per_channel, **extra)
     details: dict = {"tool": "optimum.onnxruntime.ORTQuantizer", "isa": ctx.isa, "is_static": is_static,
                      "per_channel": ctx.config.per_channel, "format": qconfig.format.name,
                      "weights": qconfig.weights_dtype.name, "activations": qconfig.activations_dtype.name,
                      "operators": list(qconfig.operators_to_quantize)}
+    if is_static:
+        details["excluded_nodes"] = len(extra["nodes_to_exclude"])
     ranges = None
     if is_static:
         ranges, calib = _calibrate(ctx, quantizer, qconfig, calibration_texts or [])
@@ -85,6 +93,16 @@ def _quantize(ctx, source: Path, target: Path, is_static: bool, calibration_text
     quantizer.quantize(quantization_config=qconfig, save_dir=target, calibration_tensors_range=ranges)
     _adopt(target, "model_quantized.onnx", source)
     return details
+
+
+def _static_exclusions(path: Path) -> list[str]:
+    """MatMuls that stay fp32 under static int8: activation x activation, and FFN down-projections."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and (
+        not any(i in weights for i in n.input) or ("/output/dense/" in n.name and "attention" not in n.name))]
 
 
 def _calibrate(ctx, quantizer, qconfig, texts: list[str]):
@@ -126,11 +144,20 @@ def int8_static(ctx, target: Path) -> dict:
     rng = np.random.default_rng(ctx.config.calibration_samples)
     train = ctx.splits.train["text"].tolist()
     picks = rng.choice(len(train), size=min(ctx.config.calibration_samples, len(train)), replace=False)
-    return _quantize(ctx, ctx.staging / "onnx-opt", target, is_static=True, calibration_texts=[train[i] for i in picks])
+    # From the plain export: the fused Attention op would keep its projections in fp32.
+    return _quantize(ctx, ctx.staging / "onnx-fp32", target, is_static=True, calibration_texts=[train[i] for i in picks])
 
 
 def pruned_fp32(ctx, target: Path) -> dict:
-    """Rank, remove, distil, export.  Also leaves the pruned PyTorch weights in pruned-torch/."""
+    return _pruned(ctx, target, "pruned-fp32", keep_layers=None)
+
+
+def pruned_l3_fp32(ctx, target: Path) -> dict:
+    return _pruned(ctx, target, "pruned-l3-fp32", keep_layers=ctx.config.prune_keep_layers)
+
+
+def _pruned(ctx, target: Path, name: str, keep_layers: int | None) -> dict:
+    """Rank, remove, distil, export.  The pruned PyTorch weights go to torch/<name>/."""
     from optimum.exporters.onnx import onnx_export_from_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -139,33 +166,40 @@ def pruned_fp32(ctx, target: Path) -> dict:
     config = ctx.config
     tokenizer = AutoTokenizer.from_pretrained(ctx.model_dir)
     teacher = AutoModelForSequenceClassification.from_pretrained(ctx.model_dir).eval()
-    student = copy.deepcopy(teacher)
-    before = {"encoder_macs_per_token": prune.encoder_macs_per_token(student), "parameters": _params(student),
-              "encoder_parameters": _params(student.bert.encoder)}
+    before = {"encoder_macs_per_token": prune.encoder_macs_per_token(teacher), "parameters": _params(teacher),
+              "encoder_parameters": _params(teacher.bert.encoder)}
 
     started = time.perf_counter()
-    head_score, ffn_score = prune.importance(student, _labelled_batches(ctx, tokenizer, config.importance_samples))
-    plan = prune.plan(student, head_score, ffn_score, target=config.prune_target)
-    prune.apply(student, plan)
+    batches = list(_labelled_batches(ctx, tokenizer, config.importance_samples))
+    scout = copy.deepcopy(teacher)
+    layers = list(range(len(teacher.bert.encoder.layer)))
+    if keep_layers and keep_layers < len(layers):
+        layers = prune.choose_layers(scout, batches[: max(1, len(batches) // 2)], keep_layers)
+        prune.apply_layers(scout, layers)
+    head_score, ffn_score = prune.importance(scout, batches)
+    plan = prune.plan(scout, head_score, ffn_score, target=config.prune_target, layers=layers)
+    student = prune.apply(copy.deepcopy(teacher), plan)
     ranking_seconds = time.perf_counter() - started
     after = {"encoder_macs_per_token": prune.encoder_macs_per_token(student), "parameters": _params(student),
              "encoder_parameters": _params(student.bert.encoder)}
     before_kd = _torch_logits(student.eval(), ctx.splits, config, ctx.max_length)["validation_metrics"]
-    print(f"[pruned-fp32] removed {1 - after['encoder_macs_per_token'] / before['encoder_macs_per_token']:.1%} "
+    print(f"[{name}] kept layers {layers}, removed {1 - after['encoder_macs_per_token'] / before['encoder_macs_per_token']:.1%} "
           f"of encoder MACs/token; validation accuracy before distillation {before_kd['accuracy']:.4f}", flush=True)
 
     distill = _distill(ctx, teacher, student, tokenizer)
-    ctx.reference["pruned"] = _torch_logits(student.eval(), ctx.splits, config, ctx.max_length)
-    prune.save_pruned(student, plan, ctx.staging / "pruned-torch", teacher.config.to_dict())
+    ctx.reference[name] = _torch_logits(student.eval(), ctx.splits, config, ctx.max_length)
+    prune.save_pruned(student, plan, ctx.staging / "torch" / name, teacher.config.to_dict())
     onnx_export_from_model(student, output=target, task="text-classification", do_validation=False)
-    for name in AUX_FILES:
-        if (ctx.model_dir / name).is_file() and name != "config.json":
-            shutil.copy2(ctx.model_dir / name, target / name)
+    for aux in AUX_FILES:
+        if (ctx.model_dir / aux).is_file() and aux != "config.json":
+            shutil.copy2(ctx.model_dir / aux, target / aux)
 
-    report = {
-        "method": "first-order Taylor importance of heads (Michel et al. 2019) and FFN neurons, "
-                  "removed by importance per MAC, then logit distillation from the unpruned model",
-        "target_fraction": config.prune_target,
+    ctx.extra[f"pruning:{name}"] = {
+        "method": "greedy layer dropping by training loss, then first-order Taylor importance of heads "
+                  "(Michel et al. 2019) and FFN neurons, the least important share of each removed, "
+                  "then logit distillation from the unpruned model",
+        "target_fraction_heads_and_ffn": config.prune_target,
+        "kept_layers": layers,
         "before": before, "after": after,
         "flops_reduction": round(1 - after["encoder_macs_per_token"] / before["encoder_macs_per_token"], 4),
         "parameter_reduction": round(1 - after["parameters"] / before["parameters"], 4),
@@ -176,16 +210,23 @@ def pruned_fp32(ctx, target: Path) -> dict:
         "ranking_seconds": round(ranking_seconds, 1),
         "validation_before_distillation": before_kd,
         "distillation": distill,
-        "validation_after_distillation": ctx.reference["pruned"]["validation_metrics"],
+        "validation_after_distillation": ctx.reference[name]["validation_metrics"],
     }
-    ctx.extra["pruning"] = report
     return {"tool": "optimum.exporters.onnx.onnx_export_from_model", "opset": _opset(target / MODEL_FILE),
-            "pytorch_weights": "pruned-torch/"}
+            "pytorch_weights": f"torch/{name}/"}
 
 
 def pruned_int8(ctx, target: Path) -> dict:
-    fused = ctx.staging / "pruned-opt"
-    opt = _optimize(ctx.staging / "pruned-fp32", fused, level=2)
+    return _fused_int8(ctx, ctx.staging / "pruned-fp32", target)
+
+
+def pruned_l3_int8(ctx, target: Path) -> dict:
+    return _fused_int8(ctx, ctx.staging / "pruned-l3-fp32", target)
+
+
+def _fused_int8(ctx, source: Path, target: Path) -> dict:
+    fused = target.with_name(target.name + "-opt")
+    opt = _optimize(source, fused, level=2)
     details = _quantize(ctx, fused, target, is_static=False)
     shutil.rmtree(fused, ignore_errors=True)
     return {**details, "optimized_first": opt}

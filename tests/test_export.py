@@ -13,7 +13,8 @@ from tests.conftest import REPO
 from train.data import DataSpec, load_splits
 from train.errors import UserError
 
-CPU_RECIPES = {"onnx-fp32", "onnx-opt", "int8-dynamic", "int8-static", "pruned-fp32", "pruned-int8"}
+CPU_RECIPES = {"onnx-fp32", "onnx-opt", "int8-dynamic", "int8-static", "pruned-fp32", "pruned-int8",
+               "pruned-l3-fp32", "pruned-l3-int8"}
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,10 @@ def test_pruning_really_removes_structure(manifest):
     assert report["after"]["parameters"] < report["before"]["parameters"]
     assert sum(report["heads_per_layer"]) < 12 * 6 and sum(report["ffn_per_layer"]) < 1536 * 6
     assert report["distillation"]["steps"] == 4
+    assert report["kept_layers"] == list(range(6))
+    deep = next(v for v in manifest["variants"] if v["name"] == "pruned-l3-int8")["pruning"]
+    assert len(deep["kept_layers"]) == 3 and len(deep["heads_per_layer"]) == 3
+    assert deep["flops_reduction"] > 0.7
 
 
 def test_every_variant_predicts_like_pytorch(manifest, tiny_model):
@@ -77,9 +82,9 @@ def test_pruned_pytorch_weights_reload_and_match_onnx(manifest):
 
     from export.prune import load_pruned
 
-    root = variant_dir(manifest, {"path": "pruned-torch"})
+    root = variant_dir(manifest, {"path": "torch/pruned-l3-fp32"})
     model = load_pruned(root)
-    onnx_dir = variant_dir(manifest, next(v for v in manifest["variants"] if v["name"] == "pruned-fp32"))
+    onnx_dir = variant_dir(manifest, next(v for v in manifest["variants"] if v["name"] == "pruned-l3-fp32"))
     texts = ["a warm, funny film", "tedious and far too long"]
     batch = AutoTokenizer.from_pretrained(onnx_dir)(texts, padding=True, return_tensors="pt")
     with torch.no_grad():

@@ -20,7 +20,8 @@ def test_report_has_every_entry_and_scenario(results):
     res, out = results
     names = [e["name"] for e in res["entries"]]
     assert names[:2] == [BASELINE_A, BASELINE_B]
-    assert set(names[2:]) == {"onnx-fp32", "onnx-opt", "int8-dynamic", "int8-static", "pruned-fp32", "pruned-int8"}
+    assert set(names[2:]) == {"onnx-fp32", "onnx-opt", "int8-dynamic", "int8-static", "pruned-fp32", "pruned-int8",
+                              "pruned-l3-fp32", "pruned-l3-int8"}
     for e in res["entries"]:
         ss = e["single_stream"]
         assert ss["queries"] == 20 and 0 < ss["p50_ms"] <= ss["p90_ms"] <= ss["p99_ms"]

@@ -41,7 +41,7 @@ class TrainConfig:
     method: Literal["full", "lora"] = field(default="full", metadata={"help": "full fine-tuning or LoRA adapters (merged at the end)"})
     seed: int = field(default=42, metadata={"help": "seed for the split, the head initialisation and shuffling"})
     max_length: int = field(default=128, metadata={"help": "tokens per text; longer texts are truncated (median snippet: ~25 tokens)"})
-    epochs: float = field(default=2.0, metadata={"help": "passes over the training split (early stopping may end sooner)"})
+    epochs: float = field(default=3.0, metadata={"help": "passes over the training split (early stopping may end sooner)"})
     max_steps: int = field(default=-1, metadata={"help": "stop after this many optimizer steps (-1: use --epochs)"})
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training rows (for quick runs)"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "use only the first N validation and test rows (for quick runs)"})

@@ -1,0 +1,516 @@
+"""perf/loadgen: the served classifier under open-loop load (MLPerf's Server scenario).
+
+Reads top to bottom: pick the variant and the test sentences, then for each serving mode
+start a real ``bentoml serve`` on a free loopback port (or use the running server given by
+``--url``) and
+
+  warm-up    a few bursts, so BentoML's dispatcher has calibrated before anything is timed
+  low load   a Poisson stream at ``--low-rate`` (5 req/s): the served p50 with no queueing
+  sweep      a Poisson stream per rate (a list, or a ramp that stops once p99 passes the
+             bound or errors pass 1 %): achieved throughput, p50/p90/p99, error share
+
+Every request is one real test sentence, sent at its scheduled time whether or not earlier
+ones have returned, and its latency runs from that scheduled time to the response, so
+waiting inside the client counts.  With the servers stopped, the raw ``OnnxClassifier``
+(tokenize -> ONNX Runtime -> softmax, same variant, same threads) is timed on the low-load
+sentences in its own warmed block: serving overhead = served p50 - raw p50.
+
+Modes: ``batching`` is the service's defaults (adaptive batching); ``no-batching`` sets
+``TRIMSERVE_BATCHING=0`` (one model call per request).  A service without that switch
+refuses the unknown variable at start; the mode is then reported as not measured.
+
+    python -m perf.loadgen --rates 10 20 40 80 --duration-s 5
+    python -m perf.loadgen --url http://127.0.0.1:3000 --api-key-file .keys --variant int8-dynamic
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import numpy as np
+
+from export import machine
+from export.manifest import load_manifest, ok_variants, variant_dir
+from serve.classifier import OnnxClassifier
+from train.cliargs import add_config_args, config_from_args
+from train.data import load_splits, spec_from_description
+from train.errors import UserError, run_cli
+
+REPO = Path(__file__).resolve().parent.parent
+MODES = {"batching": {}, "no-batching": {"TRIMSERVE_BATCHING": "0"}}  # extra server env per mode
+GOAL_SPEEDUP = 3.0  # batching sustains >= 3x the sentences/s of no batching at the p99 bound
+GOAL_OVERHEAD_MS = 3.0  # served p50 at low load <= raw session p50 + 3 ms
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    variants: str = field(default="artifacts/variants", metadata={"help": "variants directory (with manifest.json)"})
+    variant: str | None = field(default=None, metadata={
+        "help": "variant to serve and time raw (default: the one --selected names)"})
+    selected: str = field(default="artifacts/selected.json", metadata={"help": "selection file written by perf/"})
+    url: str | None = field(default=None, metadata={
+        "help": "load an already running server (loopback only) instead of starting one per mode"})
+    api_key_file: str | None = field(default=None, metadata={"help": "bearer key for --url (first line of the file)"})
+    modes: tuple[str, ...] = field(default=tuple(MODES), metadata={
+        "help": "serving modes to start and compare (with --url: the running server as it is)"})
+    rates: tuple[float, ...] = field(default=(), metadata={"help": "offered rates in requests/s (default: a ramp)"})
+    ramp_start: float = field(default=10.0, metadata={"help": "ramp: first rate, requests/s"})
+    ramp_factor: float = field(default=1.5, metadata={"help": "ramp: each rate is the previous one times this"})
+    ramp_max: float = field(default=1000.0, metadata={"help": "ramp: never offer more than this, requests/s"})
+    duration_s: float = field(default=10.0, metadata={"help": "seconds of arrivals per rate"})
+    max_requests: int = field(default=3000, metadata={"help": "at most this many requests per rate"})
+    timeout_s: float = field(default=5.0, metadata={"help": "per request; a slower one counts as an error"})
+    p99_bound_ms: float = field(default=100.0, metadata={"help": "a rate holds when its p99 is within this..."})
+    max_error_share: float = field(default=0.01, metadata={"help": "...and at most this share failed (MLPerf: 1 %%)"})
+    low_rate: float = field(default=5.0, metadata={"help": "rate of the low-load probe for the serving overhead"})
+    low_duration_s: float = field(default=10.0, metadata={"help": "seconds of the low-load probe"})
+    warmup_requests: int = field(default=48, metadata={"help": "untimed requests after start, 8 at a time"})
+    threads: int = field(default=0, metadata={"help": "ONNX Runtime threads, server and raw alike (0: all cores)"})
+    connections: int = field(default=512, metadata={
+        "help": "client connections; above the server's max concurrency so its 429s, not the client, limit"})
+    seed: int = field(default=0, metadata={"help": "arrival times and sentence order"})
+    working_dir: str = field(default=str(REPO), metadata={"help": "checkout whose serve/ is started"})
+    output: str = field(default="artifacts/perf", metadata={"help": "report directory (load.json, load.md)"})
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.modes) - set(MODES))
+        if unknown or not self.modes:
+            raise UserError(f"--modes {' '.join(self.modes)} is not valid: expected some of {', '.join(MODES)}")
+        if any(r <= 0 for r in self.rates + (self.ramp_start, self.low_rate)) or self.ramp_factor <= 1:
+            raise UserError("rates must be > 0 requests/s and --ramp-factor > 1")
+        if min(self.duration_s, self.low_duration_s, self.timeout_s, self.p99_bound_ms) <= 0 or self.max_requests < 1:
+            raise UserError("--duration-s, --low-duration-s, --timeout-s, --p99-bound-ms must be > 0, --max-requests >= 1")
+        if self.url:
+            check_loopback(self.url)
+
+    @property
+    def thread_count(self) -> int:
+        # The service's own default with one worker: the cores this process may run on.
+        return self.threads or len(os.sched_getaffinity(0))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m perf.loadgen", description=__doc__.split("\n\n")[0])
+    add_config_args(parser, LoadConfig)
+    return run(config_from_args(LoadConfig, parser.parse_args(argv)))
+
+
+def check_loopback(url: str) -> None:
+    """Refuse anything but this machine: a load test aimed elsewhere is an attack."""
+    host = httpx.URL(url).host
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise UserError(f"--url {url} is not a loopback address; loadgen only targets 127.0.0.1, ::1 or localhost")
+
+
+def run(config: LoadConfig) -> dict:
+    manifest = load_manifest(Path(config.variants))
+    entry = _pick_variant(manifest, config)
+    directory = variant_dir(manifest, entry)
+    texts = _sentences(manifest, config.seed)
+    threads = config.thread_count
+    print(f"loadgen: {entry['name']}, {len(texts)} test sentences, {threads} ONNX Runtime threads")
+    if config.url:
+        modes = {"target": measure(config.url, _read_key(config.api_key_file), texts, config)}
+    else:
+        modes = {mode: _serve_and_measure(mode, directory, manifest, texts, config) for mode in config.modes}
+    # The sentences of the low-load probe, now that no server competes for the cores.
+    raw = raw_latency(directory, threads, manifest["max_length"], texts[:max(10, len(_low_schedule(config)))])
+    raw["server_running"] = bool(config.url)  # an idle --url server still holds memory and wakes up now and then
+    report = _report(config, entry, directory, threads, modes, raw)
+    _write(report, Path(config.output))
+    return report
+
+
+def _pick_variant(manifest: dict, config: LoadConfig) -> dict:
+    name = config.variant
+    if name is None:
+        selected = Path(config.selected)
+        if not selected.is_file():
+            raise UserError(f"no --variant and {selected} does not exist; pass --variant "
+                            f"(one of {', '.join(v['name'] for v in ok_variants(manifest))})")
+        name = json.loads(selected.read_text())["variant"]
+    entry = next((v for v in ok_variants(manifest) if v["name"] == name), None)
+    if entry is None:
+        raise UserError(f"variant {name!r} is not an ok variant of {manifest['_root']}; "
+                        f"choose one of {', '.join(v['name'] for v in ok_variants(manifest))}")
+    return entry
+
+
+def _sentences(manifest: dict, seed: int) -> list[str]:
+    """The test split the variants were scored on, in a seeded order (the same for every mode)."""
+    texts = load_splits(spec_from_description(manifest["data"])).test["text"].tolist()
+    return [texts[i] for i in np.random.default_rng(seed).permutation(len(texts))]
+
+
+def _read_key(path: str | None) -> str | None:
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise UserError(f"--api-key-file {path} does not exist")
+    return Path(path).read_text().split("\n", 1)[0].strip()
+
+
+# --- one mode: start the server, measure, stop it ---------------------------------------------
+
+def _serve_and_measure(mode: str, directory: Path, manifest: dict, texts: list[str], config: LoadConfig) -> dict:
+    env = {"TRIMSERVE_VARIANT_DIR": str(directory.resolve()),
+           "TRIMSERVE_MANIFEST": str(Path(manifest["_root"]).resolve() / "manifest.json"),
+           "TRIMSERVE_THREADS": str(config.thread_count), **MODES[mode]}
+    print(f"[{mode}] starting bentoml serve ({' '.join(f'{k}={v}' for k, v in MODES[mode].items()) or 'defaults'})")
+    try:
+        with served(env, config.working_dir) as (url, key):
+            return {"server_env": env, **measure(url, key, texts, config, label=mode)}
+    except ServerRefused as refused:
+        if not MODES[mode]:  # the service's defaults must start
+            raise UserError(f"bentoml serve exited at start: {refused}") from None
+        print(f"[{mode}] not measured: {refused}")
+        return {"status": "not measured", "reason": str(refused), "server_env": env}
+
+
+class ServerRefused(Exception):
+    """The service exited at start (its one-line reason is the message)."""
+
+
+@contextlib.contextmanager
+def served(env: dict, working_dir: str, ready_timeout_s: float = 180) -> Iterator[tuple[str, str]]:
+    """``bentoml serve`` on a free loopback port with a fresh key and BENTOML_HOME; yields (url, key)."""
+    with tempfile.TemporaryDirectory(prefix="loadgen-") as tmp:
+        key, port = secrets.token_urlsafe(24), _free_port()
+        (Path(tmp) / "keys").write_text(key + "\n")
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("TRIMSERVE_")}
+        full_env.update(env, TRIMSERVE_API_KEYS_FILE=f"{tmp}/keys", BENTOML_HOME=f"{tmp}/home",
+                        BENTOML_DO_NOT_TRACK="True")
+        log = Path(tmp) / "server.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "bentoml", "serve", "serve.service:Classifier", "--host", "127.0.0.1",
+                 "--port", str(port), "--working-dir", working_dir],
+                cwd=working_dir, env=full_env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            _wait_ready(process, f"http://127.0.0.1:{port}", log, ready_timeout_s)
+            yield f"http://127.0.0.1:{port}", key
+        finally:
+            _stop(process)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(process: subprocess.Popen, url: str, log: Path, timeout_s: float) -> None:
+    start = time.monotonic()
+    while process.poll() is None:
+        with contextlib.suppress(httpx.HTTPError):  # not bound yet, or loading: /readyz hangs
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                print(f"  ready in {time.monotonic() - start:.1f} s")
+                return
+        if time.monotonic() - start > timeout_s:
+            raise UserError(f"bentoml serve not ready after {timeout_s:.0f} s; its log ends: {_last_line(log)}")
+        time.sleep(0.2)
+    raise ServerRefused(_last_line(log))
+
+
+def _last_line(log: Path) -> str:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    trimserve = [line for line in lines if line.startswith("trimserve:")]  # the service's own start-up errors
+    return (trimserve or lines or ["(empty log)"])[-1].strip()
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the process group stops the arbiter and its workers."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+# --- measuring a running server -----------------------------------------------------------------
+
+def measure(url: str, key: str | None, texts: list[str], config: LoadConfig, label: str = "target") -> dict:
+    """Warm-up, the low-load probe, the rate sweep, and the model calls the sweep caused."""
+    return asyncio.run(_measure(url, key, texts, config, label))
+
+
+async def _measure(url: str, key: str | None, texts: list[str], config: LoadConfig, label: str) -> dict:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    limits = httpx.Limits(max_connections=config.connections, max_keepalive_connections=config.connections)
+    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=config.timeout_s) as client:
+        await _warm_up(client, texts, config.warmup_requests)
+        low_schedule = _low_schedule(config)
+        low = summarize(await fire(client, low_schedule, texts), low_schedule, config.low_rate, config.low_duration_s)
+        print(f"[{label}] low load {_line(low)}")
+        before = await _model_calls(client)
+        sweep = await _sweep(client, texts, config, label)
+        calls = _delta(before, await _model_calls(client))
+    return {"status": "ok", "low_load": asdict(low), "sweep": [asdict(r) for r in sweep],
+            "sustainable": _as_dict(sustainable(sweep, config.p99_bound_ms, config.max_error_share)),
+            "model_calls": calls}
+
+
+async def _warm_up(client: httpx.AsyncClient, texts: list[str], n: int) -> None:
+    """Untimed bursts of 8: BentoML runs its first ~10 calls one by one while it calibrates."""
+    for start in range(0, n, 8):
+        responses = await asyncio.gather(*(_post(client, texts[i % len(texts)]) for i in range(start, min(n, start + 8))))
+        if responses and responses[0] != 200:
+            raise UserError(f"the server answered {responses[0]} to a warm-up request; for --url pass --api-key-file "
+                            "with a key it accepts")
+
+
+async def _sweep(client: httpx.AsyncClient, texts: list[str], config: LoadConfig, label: str) -> list[RateResult]:
+    results: list[RateResult] = []
+    for rate in config.rates or _ramp(config):
+        schedule = poisson_schedule(rate, config.duration_s, config.max_requests, config.seed)
+        results.append(summarize(await fire(client, schedule, texts), schedule, rate, config.duration_s))
+        print(f"[{label}] {_line(results[-1])}")
+        if not config.rates and not results[-1].holds(config.p99_bound_ms, config.max_error_share):
+            break  # the ramp stops at the first rate that fails
+    return results
+
+
+def _low_schedule(config: LoadConfig) -> np.ndarray:
+    return poisson_schedule(config.low_rate, config.low_duration_s, config.max_requests, config.seed)
+
+
+def _ramp(config: LoadConfig) -> Iterator[float]:
+    rate = config.ramp_start
+    while rate <= config.ramp_max:
+        yield round(rate, 1)
+        rate *= config.ramp_factor
+
+
+def poisson_schedule(rate: float, duration_s: float, max_requests: int, seed: int) -> np.ndarray:
+    """Send times in seconds of a Poisson stream: exponential gaps of mean 1/rate, within duration_s and max_requests."""
+    rng = np.random.default_rng([seed, round(rate * 1000)])
+    times = np.cumsum(rng.exponential(1 / rate, size=max_requests))
+    return times[times < duration_s]
+
+
+@dataclass
+class Sample:
+    latency_s: float  # scheduled send time -> response (or failure)
+    status: int | str  # HTTP status, or "timeout" / "error" when no response came
+
+
+async def fire(client: httpx.AsyncClient, schedule: np.ndarray, texts: list[str]) -> list[Sample]:
+    """Open loop: request i goes out at schedule[i] whatever happened to the earlier ones."""
+    loop = asyncio.get_running_loop()
+    start = loop.time() + 0.05  # time to create the tasks before the first send
+
+    async def one(at: float, text: str) -> Sample:
+        await asyncio.sleep(max(0.0, start + at - loop.time()))
+        status = await _post(client, text)
+        return Sample(loop.time() - (start + at), status)
+
+    return await asyncio.gather(*(one(at, texts[i % len(texts)]) for i, at in enumerate(schedule)))
+
+
+async def _post(client: httpx.AsyncClient, text: str) -> int | str:
+    try:
+        return (await client.post("/classify", json={"texts": [text]})).status_code
+    except httpx.TimeoutException:
+        return "timeout"
+    except httpx.HTTPError:
+        return "error"
+
+
+async def _model_calls(client: httpx.AsyncClient) -> dict[str, float]:
+    """Model calls and texts so far, from the service's trimserve_batch_size histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {s.name: s.value for family in text_string_to_metric_families((await client.get("/metrics")).text)
+               for s in family.samples if s.name in ("trimserve_batch_size_count", "trimserve_batch_size_sum")}
+    return {"calls": samples.get("trimserve_batch_size_count", 0.0), "texts": samples.get("trimserve_batch_size_sum", 0.0)}
+
+
+def _delta(before: dict, after: dict) -> dict:
+    calls, texts = after["calls"] - before["calls"], after["texts"] - before["texts"]
+    return {"calls": int(calls), "texts": int(texts), "mean_batch": round(texts / calls, 2) if calls else None}
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+@dataclass
+class RateResult:
+    offered_rps: float
+    sent: int
+    ok: int  # 200s
+    non_200: dict[str, int]  # status code -> count (429 overload, 503 deadline, 504 timeout...)
+    errors: int  # no response: client timeout or connection error
+    throughput_rps: float  # 200s per second of the window (first send to last response)
+    p50_ms: float | None  # latency percentiles of the 200s
+    p90_ms: float | None
+    p99_ms: float | None
+
+    @property
+    def error_share(self) -> float:
+        return (self.sent - self.ok) / self.sent if self.sent else 0.0
+
+    def holds(self, p99_bound_ms: float, max_error_share: float) -> bool:
+        return self.p99_ms is not None and self.p99_ms <= p99_bound_ms and self.error_share <= max_error_share
+
+
+def summarize(samples: list[Sample], schedule: np.ndarray, rate: float, duration_s: float) -> RateResult:
+    ok = np.array([s.latency_s for s in samples if s.status == 200]) * 1e3
+    codes = [s.status for s in samples if isinstance(s.status, int) and s.status != 200]
+    non_200 = {str(code): codes.count(code) for code in sorted(set(codes))}
+    errors = sum(1 for s in samples if isinstance(s.status, str))
+    # Arrivals stop at duration_s; the last replies trail behind it.
+    window = float(max([duration_s] + [at + s.latency_s for at, s in zip(schedule, samples)]))
+    p50, p90, p99 = np.percentile(ok, [50, 90, 99], method="inverted_cdf").round(2).tolist() if len(ok) else [None] * 3
+    return RateResult(rate, len(samples), len(ok), non_200, errors, round(len(ok) / window, 2), p50, p90, p99)
+
+
+def sustainable(results: list[RateResult], p99_bound_ms: float, max_error_share: float) -> RateResult | None:
+    """The highest rate that holds, going up from the lowest and stopping at the first that fails."""
+    best = None
+    for result in sorted(results, key=lambda r: r.offered_rps):
+        if not result.holds(p99_bound_ms, max_error_share):
+            break
+        best = result
+    return best
+
+
+def _as_dict(result: RateResult | None) -> dict | None:
+    return None if result is None else {**asdict(result), "error_share": round(result.error_share, 4)}
+
+
+def _line(r: RateResult) -> str:
+    ms = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
+    return (f"{r.offered_rps:g} req/s: {r.sent} sent, {r.throughput_rps:.1f} ok/s, p50 {ms(r.p50_ms)} "
+            f"p90 {ms(r.p90_ms)} p99 {ms(r.p99_ms)} ms, {100 * r.error_share:.1f} % failed {r.non_200 or ''}")
+
+
+# --- the raw session ------------------------------------------------------------------------------
+
+def raw_latency(directory: Path, threads: int, max_length: int, texts: list[str], warmup: int = 20) -> dict:
+    """``OnnxClassifier.predict([text])`` in-process, warmed, one sentence after another."""
+    classifier = OnnxClassifier(directory, threads=threads, device="cpu", max_length=max_length)
+    for text in (texts * warmup)[:warmup]:
+        classifier.predict([text])
+    times = []
+    for text in texts * 2:  # two passes over the low-load sentences
+        start = time.perf_counter()
+        classifier.predict([text])
+        times.append(1e3 * (time.perf_counter() - start))
+    p50, p90, p99 = np.percentile(times, [50, 90, 99], method="inverted_cdf").round(3).tolist()
+    print(f"[raw] OnnxClassifier.predict, {len(times)} calls: p50 {p50:.2f} p90 {p90:.2f} ms")
+    return {"calls": len(times), "threads": threads, "p50_ms": p50, "p90_ms": p90, "p99_ms": p99}
+
+
+# --- the report -----------------------------------------------------------------------------------
+
+def _report(config: LoadConfig, entry: dict, directory: Path, threads: int, modes: dict, raw: dict) -> dict:
+    return {"kind": "trimserve.load", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": machine.describe(), "threads": {"server_ort": threads, "raw_ort": threads, "workers": 1},
+            "variant": {"name": entry["name"], "path": str(directory), "sha256": entry["files"]["model.onnx"]["sha256"]},
+            "client": {"library": f"httpx {httpx.__version__}, asyncio", "host": "same machine as the server",
+                       "texts_per_request": 1}, "versions": _versions(),
+            "config": asdict(config), "modes": modes, "raw": raw, "goals": goals(modes, raw)}
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("bentoml", "onnxruntime", "onnxruntime-gpu", "httpx"):
+        with contextlib.suppress(PackageNotFoundError):
+            found[package] = version(package)
+    return found
+
+
+def goals(modes: dict, raw: dict) -> dict:
+    """The two targets: batching speed-up at the p99 bound, and serving overhead at low load."""
+    held = {m: (r.get("sustainable") or {}).get("throughput_rps") for m, r in modes.items() if r["status"] == "ok"}
+    speedup = None
+    if held.get("batching") and held.get("no-batching"):
+        speedup = round(held["batching"] / held["no-batching"], 2)
+    base = modes.get("batching", modes.get("target", {}))
+    overhead = None
+    if base.get("status") == "ok" and base["low_load"]["p50_ms"] is not None:
+        overhead = round(base["low_load"]["p50_ms"] - raw["p50_ms"], 2)
+    return {"batching_speedup": {"value": speedup, "goal": f">= {GOAL_SPEEDUP:g}x", "sustained_ok_rps": held,
+                                 "met": None if speedup is None else speedup >= GOAL_SPEEDUP},
+            "serving_overhead_ms": {"value": overhead, "goal": f"<= {GOAL_OVERHEAD_MS:g} ms p50 over raw",
+                                    "met": None if overhead is None else overhead <= GOAL_OVERHEAD_MS}}
+
+
+def _write(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "load.json").write_text(json.dumps(report, indent=2) + "\n")
+    summary = markdown(report)
+    (out / "load.md").write_text(summary)
+    print(summary)
+    print(f"wrote {out / 'load.json'} and {out / 'load.md'}")
+
+
+def markdown(report: dict) -> str:
+    config, host = report["config"], report["machine"]
+    lines = [f"# Load test: {report['variant']['name']} served by BentoML (open loop, Poisson arrivals)", "",
+             f"{host['cpu']}, {host['cores']} cores, {report['threads']['server_ort']} ONNX Runtime threads, "
+             f"1 worker; client on the same machine. {config['duration_s']:g} s per rate, one sentence per request; "
+             f"a rate holds when p99 <= {config['p99_bound_ms']:g} ms and <= {100 * config['max_error_share']:g} % fail.", "",
+             "| mode | offered req/s | sent | ok/s | p50 ms | p90 ms | p99 ms | failed | holds |", "|---|---|---|---|---|---|---|---|---|"]
+    for mode, result in report["modes"].items():
+        lines += _mode_rows(mode, result, config)
+    lines += ["", *_goal_lines(report)]
+    return "\n".join(lines) + "\n"
+
+
+def _mode_rows(mode: str, result: dict, config: dict) -> list[str]:
+    if result["status"] != "ok":
+        return [f"| {mode} | not measured: {result['reason'].split(';')[0]} | | | | | | | |"]
+    rows = []
+    for r in [{**result["low_load"], "offered_rps": f"{result['low_load']['offered_rps']:g} (low load)"}] + result["sweep"]:
+        share = (r["sent"] - r["ok"]) / r["sent"] if r["sent"] else 0
+        holds = r["p99_ms"] is not None and r["p99_ms"] <= config["p99_bound_ms"] and share <= config["max_error_share"]
+        rows.append(f"| {mode} | {r['offered_rps']} | {r['sent']} | {r['throughput_rps']} | {r['p50_ms']} | {r['p90_ms']} "
+                    f"| {r['p99_ms']} | {100 * share:.1f} % | {'yes' if holds else 'no'} |")
+    return rows
+
+
+def _goal_lines(report: dict) -> list[str]:
+    lines = []
+    for mode, result in report["modes"].items():
+        if result["status"] == "ok":
+            best, calls = result["sustainable"], result["model_calls"]
+            lines.append(f"- {mode}: sustainable rate {best['offered_rps'] if best else 'none'} req/s "
+                         f"({best['throughput_rps'] if best else 0} sentences/s); sweep made {calls['calls']} model "
+                         f"calls for {calls['texts']} texts (mean batch {calls['mean_batch']})")
+    speedup, overhead, raw = report["goals"]["batching_speedup"], report["goals"]["serving_overhead_ms"], report["raw"]
+    lines.append(f"- batching speed-up at the bound: {speedup['value'] or '-'}x (goal {speedup['goal']}): {_met(speedup['met'])}")
+    lines.append(f"- serving overhead at low load: {overhead['value']} ms p50 over the raw session's {raw['p50_ms']} ms "
+                 f"(goal {overhead['goal']}): {_met(overhead['met'])}")
+    return lines
+
+
+def _met(met: bool | None) -> str:
+    return "not measured" if met is None else "met" if met else "NOT met"
+
+
+if __name__ == "__main__":
+    run_cli(main)

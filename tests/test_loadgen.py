@@ -1,0 +1,89 @@
+"""perf/loadgen: the arrival schedule and the statistics in-process, then one tiny real run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from perf.loadgen import LoadConfig, RateResult, Sample, _ramp, main, poisson_schedule, summarize, sustainable
+from train.errors import UserError, run_cli
+
+
+def test_poisson_schedule_is_seeded_with_mean_gap_one_over_rate():
+    times = poisson_schedule(50.0, 400.0, 100_000, seed=1)
+    assert np.array_equal(times, poisson_schedule(50.0, 400.0, 100_000, seed=1))
+    assert not np.array_equal(times, poisson_schedule(50.0, 400.0, 100_000, seed=2))
+    gaps = np.diff(times)
+    assert (gaps > 0).all() and times[-1] < 400
+    assert abs(gaps.mean() - 1 / 50) < 0.02 / 50  # ~20 000 gaps: within 2 %
+    assert abs(gaps.std() / gaps.mean() - 1) < 0.05  # exponential: coefficient of variation 1
+    assert len(poisson_schedule(50.0, 400.0, 100, seed=1)) == 100  # bounded in count...
+    assert len(poisson_schedule(50.0, 2.0, 100_000, seed=1)) < 150  # ...and in time
+
+
+def _result(rate: float, p99: float | None, ok: int = 100, sent: int = 100) -> RateResult:
+    return RateResult(rate, sent, ok, {"429": sent - ok} if sent > ok else {}, 0, rate, 1.0, 2.0, p99)
+
+
+def test_sustainable_rate_is_the_highest_that_holds_below_the_first_failure():
+    results = [_result(40, 150.0), _result(10, 20.0), _result(20, 60.0), _result(80, 90.0)]  # 80 passes by luck
+    assert sustainable(results, 100, 0.01).offered_rps == 20
+    assert sustainable(results, 200, 0.01).offered_rps == 80
+    assert sustainable([_result(10, 20.0, ok=98)], 100, 0.01) is None  # 2 % failed
+    assert sustainable([_result(10, None, ok=0)], 100, 0.01) is None  # nothing answered
+    assert sustainable([], 100, 0.01) is None
+
+
+def test_summarize_counts_codes_and_failures_apart():
+    samples = [Sample(0.010, 200), Sample(0.020, 200), Sample(0.001, 429), Sample(5.0, "timeout"), Sample(0.5, 503)]
+    result = summarize(samples, np.array([0.0, 0.5, 1.0, 1.5, 2.0]), 2.5, 2.0)
+    assert (result.sent, result.ok, result.non_200, result.errors) == (5, 2, {"429": 1, "503": 1}, 1)
+    assert result.error_share == 0.6 and result.p50_ms == 10.0 and result.p99_ms == 20.0
+    assert result.throughput_rps == round(2 / 6.5, 2)  # the window ends with the timed-out request
+
+
+def test_ramp_grows_geometrically_up_to_its_max():
+    assert list(_ramp(LoadConfig(ramp_start=10, ramp_factor=2, ramp_max=80))) == [10, 20, 40, 80]
+
+
+def test_non_loopback_url_is_refused_in_one_line(capsys):
+    with pytest.raises(UserError, match=r"^--url http://example.com:3000 is not a loopback address; loadgen only "
+                                        r"targets 127.0.0.1, ::1 or localhost$"):
+        main(["--url", "http://example.com:3000"])
+    for url in ("http://10.1.2.3", "http://localhost.example.com:3000"):
+        with pytest.raises(UserError, match="is not a loopback address"):
+            LoadConfig(url=url)
+    LoadConfig(url="http://[::1]:3000")
+    LoadConfig(url="http://localhost:3000")
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(main, ["--url", "http://192.168.0.7:3000"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+@pytest.mark.slow
+def test_tiny_real_run(tiny_variants, tmp_path):
+    """Both modes against a real `bentoml serve` of the tiny variant, a second of load each."""
+    report = main(["--variants", str(tiny_variants), "--variant", "onnx-fp32", "--rates", "4", "--duration-s", "1.5",
+                   "--low-rate", "8", "--low-duration-s", "1", "--warmup-requests", "8", "--threads", "1",
+                   "--output", str(tmp_path)])
+    assert json.loads((tmp_path / "load.json").read_text()) == json.loads(json.dumps(report))
+    assert report["kind"] == "trimserve.load" and report["variant"]["name"] == "onnx-fp32"
+    assert report["threads"] == {"server_ort": 1, "raw_ort": 1, "workers": 1} and report["machine"]["cores"]
+    batching = report["modes"]["batching"]
+    assert batching["status"] == "ok" and batching["server_env"]["TRIMSERVE_THREADS"] == "1"
+    assert [r["offered_rps"] for r in batching["sweep"]] == [4.0]
+    for result in [batching["low_load"], *batching["sweep"]]:
+        assert result["sent"] > 0 and result["ok"] == result["sent"] and 0 < result["p50_ms"] <= result["p99_ms"]
+    assert batching["model_calls"]["texts"] >= batching["sweep"][0]["sent"]
+    assert report["raw"]["p50_ms"] > 0 and report["raw"]["threads"] == 1
+    assert report["goals"]["serving_overhead_ms"]["value"] is not None
+    off = report["modes"]["no-batching"]
+    if off["status"] == "ok":  # once serve/ has the switch: one text per model call
+        assert off["model_calls"]["mean_batch"] == 1.0
+    else:
+        assert "TRIMSERVE_BATCHING" in off["reason"] and report["goals"]["batching_speedup"]["met"] is None
+    summary = (tmp_path / "load.md").read_text()
+    assert "| mode | offered req/s |" in summary and "| batching | 4.0 |" in summary

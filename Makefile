@@ -7,9 +7,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 ART := artifacts
 INSTALLED := $(VENV)/.installed
-EXTRAS ?= cpu,test,tensorboard
+EXTRAS ?= cpu,test,tensorboard,bento
 
-.PHONY: setup train export perf pipeline serve test clean
+.PHONY: setup train export perf pipeline serve bento test clean
 
 $(INSTALLED): pyproject.toml requirements.lock
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,17 @@ pipeline: $(ART)/selected.json
 .keys:
 	$(BIN)/python -c "import secrets; print(secrets.token_urlsafe(32))" > $@
 	chmod 600 $@
+
+# The bento carries only the selected variant: stage it beside its manifest, then build
+# (the build imports the service, which checks the staged files' sha256).
+$(ART)/bento/manifest.json: $(ART)/selected.json
+	rm -rf $(ART)/bento && mkdir -p $(ART)/bento
+	$(BIN)/python -c "import json, shutil, sys; s = json.load(open(sys.argv[1])); \
+	shutil.copytree(s['path'], sys.argv[2] + '/variant'); shutil.copy(s['manifest'], sys.argv[2])" $< $(ART)/bento
+
+bento: $(ART)/bento/manifest.json
+	PATH="$(CURDIR)/$(BIN):$$PATH" TRIMSERVE_VARIANT_DIR=$(ART)/bento/variant TRIMSERVE_MANIFEST=$< \
+	TRIMSERVE_ALLOW_NO_AUTH=1 $(BIN)/bentoml build
 
 serve: $(ART)/selected.json .keys
 	@echo "report: $(ART)/perf/report.md, plot: $(ART)/perf/pareto.png; API key: first line of .keys"

@@ -36,6 +36,9 @@ class ServeConfig:
         "help": "variants manifest for variant_dir (default: manifest.json beside the variant dir)"})
     threads: int | None = field(default=None, metadata={
         "help": "ONNX Runtime intra-op threads per worker (default: CPU cores / workers, so workers don't fight)"})
+    spin: bool = field(default=False, metadata={
+        "help": "let ONNX Runtime's threads busy-wait between calls (lowest latency on an idle, dedicated machine; "
+                "off, they leave the cores to HTTP handling and tokenization)"})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={
         "help": "auto: CUDA when onnxruntime-gpu sees a GPU, else CPU; cuda: fail unless CUDA is there"})
     max_batch_size: int = field(default=32, metadata={
@@ -44,6 +47,9 @@ class ServeConfig:
     max_latency_ms: int = field(default=500, metadata={
         "help": "BentoML batching deadline: queued work that would finish later gets 503 at once; keep it several "
                 "times the run time of a full batch"})
+    batching: bool = field(default=True, metadata={
+        "help": "adaptive batching: merge concurrent requests into one model call (up to max_batch_size, within "
+                "max_latency_ms); 0: one model call per request, one at a time per worker (no 503 deadline then)"})
     max_texts_per_request: int = field(default=64, metadata={"help": "more texts in one request gives 400"})
     max_text_chars: int = field(default=10_000, metadata={
         "help": "a longer text gives 400; shorter texts over the model's token limit are truncated and counted"})

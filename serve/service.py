@@ -72,7 +72,7 @@ class Classifier:
     def __init__(self) -> None:
         start = time.perf_counter()
         self.model = OnnxClassifier(VARIANT.directory, threads=CONFIG.ort_threads, device=CONFIG.device,
-                                    max_length=VARIANT.max_length)
+                                    max_length=VARIANT.max_length, spin=CONFIG.spin)
         if CONFIG.device == "cuda" and self.model.provider != "CUDAExecutionProvider":
             raise UserError(f"TRIMSERVE_DEVICE=cuda but ONNX Runtime runs on {self.model.provider}; install onnxruntime-gpu")
         metrics.MODEL_INFO.labels(variant=VARIANT.name, sha256=VARIANT.model_sha256).set(1)
@@ -92,7 +92,8 @@ class Classifier:
     def __is_ready__(self) -> bool:
         return self.ready
 
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=CONFIG.max_batch_size, max_latency_ms=CONFIG.max_latency_ms)
+    @bentoml.api(batchable=CONFIG.batching, batch_dim=0, max_batch_size=CONFIG.max_batch_size,
+                 max_latency_ms=CONFIG.max_latency_ms)
     def classify(self, texts: Texts) -> list[Prediction]:
         """Label, its probability and every class probability for each text, in order."""
         start = time.perf_counter()

@@ -18,13 +18,13 @@ def tiny_model(tmp_path_factory) -> Path:
     """all-MiniLM-L6-v2 fine-tuned for a few dozen steps on a slice of the default data.
 
     Long enough to separate clearly positive from clearly negative reviews, short enough
-    (~30 s on 2 cores) for every test run.
+    (~40 s on 2 cores) for every test run.
     """
     from train.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("stage") / "model"
-    train(TrainConfig(output=str(out), max_train_samples=1024, max_eval_samples=128, max_steps=40,
-                      batch_size=16, eval_steps=20, max_length=64, learning_rate=1e-4))
+    train(TrainConfig(output=str(out), max_train_samples=2048, max_eval_samples=128, max_steps=60,
+                      batch_size=32, eval_steps=30, max_length=64, learning_rate=2e-4))
     return out
 
 

@@ -80,8 +80,8 @@ def test_tiny_training_run_end_to_end(tiny_model):
 
     manifest = json.loads((tiny_model / MANIFEST).read_text())
     assert manifest["labels"] == ["fresh", "rotten"]
-    assert manifest["data"]["sizes"] == {"train": 1024, "validation": 128, "test": 128}
-    assert manifest["train"]["steps"] == 40
+    assert manifest["data"]["sizes"] == {"train": 2048, "validation": 128, "test": 128}
+    assert manifest["train"]["steps"] == 60
     assert set(manifest["metrics"]["test"]) == {"accuracy", "macro_f1"}
     assert (tiny_model / "model.safetensors").is_file()
 
@@ -95,7 +95,7 @@ def test_tiny_training_run_end_to_end(tiny_model):
         preds = model(**batch).logits.argmax(-1).numpy()
     accuracy = float((preds == (test["label"] == "rotten").to_numpy()).mean())
     assert accuracy == pytest.approx(manifest["metrics"]["test"]["accuracy"], abs=1e-4)
-    assert accuracy > 0.6  # 40 steps already learn something
+    assert accuracy > 0.65  # 60 steps already learn something
 
     # The same output directory is not silently replaced.
     with pytest.raises(UserError, match="already holds a trained model; pass --overwrite"):

@@ -38,7 +38,7 @@ perf: $(ART)/selected.json
 pipeline: $(ART)/selected.json
 
 # A local API key for the quick start (kept out of git); production reads its own keys file.
-.keys:
+.keys: | $(INSTALLED)
 	$(BIN)/python -c "import secrets; print(secrets.token_urlsafe(32))" > $@
 	chmod 600 $@
 

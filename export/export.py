@@ -21,7 +21,6 @@ serve/ only ever use variants whose status is "ok".
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -35,7 +34,7 @@ import numpy as np
 
 from export import machine
 from export.manifest import MANIFEST, VARIANT_FILE, describe_files
-from train.cliargs import add_config_args, config_from_args
+from train.cliargs import ConfigParser, add_config_args, config_from_args
 from train.data import DataSpec, Splits, load_splits, spec_from_description
 from train.errors import UserError, run_cli
 
@@ -82,7 +81,9 @@ class ExportConfig:
     output: str = field(default="artifacts/variants", metadata={"help": "directory for the variants and manifest.json"})
     overwrite: bool = field(default=False, metadata={"help": "replace existing variants in --output"})
     recipes: tuple[str, ...] = field(default=(), metadata={"help": f"recipes to build (default: all that apply here): {', '.join(RECIPES)}"})
-    data: str | None = field(default=None, metadata={"help": "data source when the model has no train_manifest.json (see python -m train --help)"})
+    data: str | None = field(default=None, metadata={"help": "data to check and score on (default: the training data named in train_manifest.json)"})
+    text_column: str = field(default="text", metadata={"help": "text column of a --data file"})
+    label_column: str = field(default="label", metadata={"help": "label column of a --data file"})
     isa: Literal["auto", "avx512_vnni", "avx512", "avx2", "arm64"] = field(default="auto", metadata={"help": "instruction set the int8 configuration targets"})
     per_channel: bool = field(default=True, metadata={"help": "per-channel int8 weight scales (more accurate, same speed on VNNI)"})
     calibration: Literal["minmax", "percentile", "entropy"] = field(default="minmax", metadata={"help": "static int8 calibration method (percentile clips MiniLM's outlier channels: avoid)"})
@@ -111,10 +112,14 @@ class ExportConfig:
         for name in ("calibration_samples", "importance_samples", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+        if not 0 <= self.distill_alpha <= 1 or self.distill_temperature <= 0 or self.distill_learning_rate <= 0 \
+                or self.distill_epochs <= 0:
+            raise UserError("--distill-alpha must lie in [0, 1]; --distill-temperature, --distill-learning-rate "
+                            "and --distill-epochs must be positive")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n\n")[0])
+    parser = ConfigParser(prog="python -m export", description=__doc__.split("\n\n")[0])
     add_config_args(parser, ExportConfig)
     return export(config_from_args(ExportConfig, parser.parse_args(argv)))
 
@@ -123,13 +128,14 @@ def export(config: ExportConfig) -> dict:
     """Build, check and score every requested variant; returns the manifest written."""
     model_dir = Path(config.model)
     model_config, train_manifest = _check_model_dir(model_dir)
-    out = Path(config.output)
+    out = Path(config.output).resolve()
     _check_output(out, config.overwrite)
     host = machine.describe()
     cuda = host["cuda"] and config.device != "cpu"
     isa = machine.resolve_isa(config.isa, host)
     recipes = _select_recipes(config.recipes, cuda)
     splits = _load_data(config, train_manifest)
+    splits.label_names = _model_labels(model_config, splits.label_names)
     max_length = int(train_manifest.get("max_length", 128)) if train_manifest else 128
     print(f"export: {model_dir} -> {out}; recipes: {', '.join(r.name for r in recipes)}; int8 ISA: {isa}")
 
@@ -196,12 +202,30 @@ def _check_model_dir(model_dir: Path) -> tuple[dict, dict | None]:
     if not any((model_dir / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
         raise UserError(f"{model_dir} has no model.safetensors or pytorch_model.bin; the weights are missing")
     manifest_file = model_dir / "train_manifest.json"
-    return model_config, json.loads(manifest_file.read_text()) if manifest_file.is_file() else None
+    if not manifest_file.is_file():
+        return model_config, None
+    try:
+        return model_config, json.loads(manifest_file.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{manifest_file} is not valid JSON ({err.msg}); the model directory is corrupt") from None
+
+
+def _model_labels(model_config: dict, data_labels: list[str]) -> list[str]:
+    """The model's label order (id2label), after checking the data has the same labels."""
+    labels = [model_config["id2label"][str(i)] for i in range(len(model_config["id2label"]))]
+    if sorted(labels) != sorted(data_labels):
+        raise UserError(f"the model's labels {labels} differ from the data's {data_labels}; pass the data it was trained on")
+    return labels
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--output {out} already holds variants; pass --overwrite to replace them or choose another --output")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file; expected a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MANIFEST).is_file():  # --overwrite never deletes what export/ did not write
+            raise UserError(f"--output {out} holds other files, not variants; choose an empty or new directory")
+        if not overwrite:
+            raise UserError(f"--output {out} already holds variants; pass --overwrite to replace them or choose another --output")
     out.parent.mkdir(parents=True, exist_ok=True)
 
 
@@ -222,13 +246,13 @@ def _select_recipes(names: tuple[str, ...], cuda: bool) -> list[Recipe]:
 
 def _load_data(config: ExportConfig, train_manifest: dict | None) -> Splits:
     if config.data:
-        spec = DataSpec(source=config.data)
+        spec = DataSpec(source=config.data, text_column=config.text_column, label_column=config.label_column)
     elif train_manifest:
         spec = spec_from_description(train_manifest["data"])
     else:
         raise UserError("the model directory has no train_manifest.json; pass --data to say which data to check and score on")
     splits = load_splits(spec)
-    if train_manifest and splits.sha256 != train_manifest["data"]["sha256"]:
+    if not config.data and splits.sha256 != train_manifest["data"]["sha256"]:
         raise UserError(f"data {spec.source} has changed since training (sha256 differs); re-train or pass --data")
     if config.max_train_samples:
         splits.train = splits.train.iloc[: config.max_train_samples]
@@ -239,9 +263,13 @@ def _load_data(config: ExportConfig, train_manifest: dict | None) -> Splits:
 
 
 def _load_torch(model_dir: Path):
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    return AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    try:
+        AutoTokenizer.from_pretrained(model_dir)
+        return AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    except (OSError, ValueError, RuntimeError) as err:  # e.g. truncated safetensors, missing tokenizer
+        raise UserError(f"cannot load the model in {model_dir}: {str(err).splitlines()[0]}; the model directory is corrupt") from None
 
 
 def _torch_logits(model, splits: Splits, config: ExportConfig, max_length: int) -> dict:
@@ -294,8 +322,11 @@ def _build_and_check(recipe: Recipe, ctx: Context) -> dict:
         return {**entry, "status": "failed", "error": f"{type(err).__name__}: {err}"}
     entry["build_seconds"] = round(time.perf_counter() - started, 1)
     entry["recipe"] = details
-
-    clf = OnnxClassifier(target, max_length=ctx.max_length, device="cuda" if ctx.cuda else "cpu")
+    try:
+        clf = OnnxClassifier(target, max_length=ctx.max_length, device="cuda" if ctx.cuda else "cpu")
+    except Exception as err:  # ONNX Runtime refuses the graph: this variant failed, the others go on
+        ctx.extra[f"status:{recipe.name}"] = "failed"
+        return {**entry, "status": "failed", "error": f"ONNX Runtime cannot load it: {type(err).__name__}: {err}"}
     reference = ctx.reference[recipe.family]
     val_texts = ctx.splits.validation["text"].tolist()
     val_logits = batched_logits(clf, val_texts, ctx.config.batch_size)

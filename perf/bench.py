@@ -24,7 +24,6 @@ int8 with the CPU's default configuration, no pruning, no graph optimization.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -40,8 +39,8 @@ from export import machine
 from export.export import score
 from export.manifest import load_manifest, ok_variants, sha256_file, variant_dir, verify_files
 from perf import report
-from perf.engines import OnnxEngine, PipelineEngine
-from train.cliargs import add_config_args, config_from_args
+from perf.engines import make_engine
+from train.cliargs import ConfigParser, add_config_args, config_from_args
 from train.data import load_splits, spec_from_description
 from train.errors import UserError, run_cli
 
@@ -57,6 +56,7 @@ class PerfConfig:
     selected: str = field(default="artifacts/selected.json", metadata={"help": "where to write the serving choice"})
     budget: float = field(default=0.99, metadata={"help": "selected variant keeps >= budget x onnx-fp32 test accuracy (MLPerf: 0.99)"})
     threads: int = field(default=0, metadata={"help": "intra-op threads for every engine (0: all cores)"})
+    spin: bool = field(default=True, metadata={"help": "let ONNX Runtime threads busy-wait between calls, its default (the service turns it off: it shares the cores with HTTP work)"})
     single_stream_queries: int = field(default=600, metadata={"help": "timed batch-1 queries per entry, spread over the rounds"})
     warmup: int = field(default=30, metadata={"help": "untimed calls before every timed block"})
     rounds: int = field(default=3, metadata={"help": "blocks per entry and scenario; entry order rotates each round"})
@@ -85,7 +85,7 @@ class PerfConfig:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m perf", description=__doc__.split("\n\n")[0])
+    parser = ConfigParser(prog="python -m perf", description=__doc__.split("\n\n")[0])
     add_config_args(parser, PerfConfig)
     return run(config_from_args(PerfConfig, parser.parse_args(argv)))
 
@@ -115,7 +115,7 @@ def run(config: PerfConfig) -> dict:
     ] + [{"name": v["name"], "kind": "variant", "description": v["description"], "path": str(variant_dir(manifest, v)),
           "bytes": v["files"]["model.onnx"]["bytes"], "sha256": v["files"]["model.onnx"]["sha256"]} for v in variants]
 
-    engines = {e["name"]: _engine(e, threads, max_length) for e in tqdm(entries, desc="load engines")}
+    engines = {e["name"]: make_engine(e, threads, max_length, config.spin) for e in tqdm(entries, desc="load engines")}
     for entry in tqdm(entries, desc="accuracy"):
         entry["accuracy"] = score(engines[entry["name"]].logits(texts), labels, manifest["labels"])
     if "single" in config.scenarios:
@@ -127,12 +127,12 @@ def run(config: PerfConfig) -> dict:
     del engines
     if "memory" in config.scenarios:
         for entry in tqdm(entries, desc="memory"):
-            entry["memory"] = _peak_memory(entry, threads, max_length, texts[:64])
+            entry["memory"] = _peak_memory(entry, threads, max_length, config.spin, texts[:64])
 
     results = {
         "kind": "trimserve.perf",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {**machine.describe(), "threads": threads, "versions": _versions()},
+        "machine": {**machine.describe(), "threads": threads, "ort_spinning": config.spin, "versions": _versions()},
         "config": asdict(config),
         "method": _method_text(config, len(texts)),
         "manifest": str(Path(manifest["_root"]) / "manifest.json"),
@@ -141,13 +141,13 @@ def run(config: PerfConfig) -> dict:
     report.add_ratios(results, BASELINE_A, BASELINE_B)
     report.mark_pareto(results)
     results["selection"] = select(entries, config.budget)
-    if "offline" in config.scenarios:
+    if "offline" in config.scenarios and 32 in config.offline_batches:
         results["int8_efficiency"] = _int8_efficiency(results, manifest, texts, threads)
     (out / "report.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "report.md").write_text(report.markdown(results))
     if "single" in config.scenarios:
         report.plot(results, out / "pareto.png")
-    _write_selection(results["selection"], manifest, Path(config.selected))
+    _write_selection(results["selection"], manifest, entries, Path(config.selected))
     print(report.markdown_table(results))
     print(f"report: {out / 'report.md'}  plot: {out / 'pareto.png'}  selection: {config.selected}")
     return results
@@ -184,12 +184,6 @@ def _build_baseline_b(manifest: dict, target: Path) -> Path:
             shutil.copy2(f, target / f.name)
     shutil.rmtree(exported)
     return target
-
-
-def _engine(entry: dict, threads: int, max_length: int):
-    if entry["name"] == BASELINE_A:
-        return PipelineEngine(entry["name"], Path(entry["path"]), threads, max_length)
-    return OnnxEngine(entry["name"], Path(entry["path"]), threads, max_length)
 
 
 def _rotated(entries: list[dict], round_index: int) -> list[dict]:
@@ -263,15 +257,19 @@ def _sweep(entries, engines, config: PerfConfig) -> None:
         entry["sweep"] = result
 
 
-def _peak_memory(entry: dict, threads: int, max_length: int, texts: list[str]) -> dict:
-    """Load and run the entry in a fresh process; its peak RSS is the entry's alone."""
+def _peak_memory(entry: dict, threads: int, max_length: int, spin: bool, texts: list[str]) -> dict:
+    """Load and run the entry in a fresh process; its peak RSS is the entry's alone.
+
+    The child imports only perf.engines (and through it onnxruntime, or torch for the
+    pipeline baseline), so an ONNX entry's figure does not include PyTorch.
+    """
     import subprocess
 
-    code = ("import json,resource,sys,psutil;from perf.bench import _engine;"
-            "e,t,m,x=json.loads(sys.stdin.read());base=psutil.Process().memory_info().rss;"
-            "g=_engine(e,t,m);g.predict_batch(x[:32]);[g.predict_one(s) for s in x];"
+    code = ("import json,resource,sys,psutil;from perf.engines import make_engine;"
+            "e,t,m,p,x=json.loads(sys.stdin.read());base=psutil.Process().memory_info().rss;"
+            "g=make_engine(e,t,m,p);g.predict_batch(x[:32]);[g.predict_one(s) for s in x];"
             "print(json.dumps([base,resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024]))")
-    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps([entry, threads, max_length, texts]),
+    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps([entry, threads, max_length, spin, texts]),
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
@@ -303,14 +301,16 @@ def select(entries: list[dict], budget: float) -> dict:
             "eligible": [reference["name"]] + [e["name"] for e in eligible], "by": "single_stream_p50" if timed else "accuracy"}
 
 
-def _write_selection(selection: dict, manifest: dict, path: Path) -> None:
+def _write_selection(selection: dict, manifest: dict, entries: list[dict], path: Path) -> None:
     variant = next(v for v in manifest["variants"] if v["name"] == selection["variant"])
+    measured = next(e for e in entries if e["name"] == selection["variant"])
+    figures = {k: measured[k] for k in ("accuracy", "single_stream", "offline", "memory", "speedup", "bytes") if k in measured}
     directory = variant_dir(manifest, variant)
     doc = {"kind": "trimserve.selection", **selection,
            "manifest": str((Path(manifest["_root"]) / "manifest.json").resolve()),
            "manifest_sha256": sha256_file(Path(manifest["_root"]) / "manifest.json"),
            "path": str(directory.resolve()), "files": variant["files"], "labels": manifest["labels"],
-           "max_length": manifest["max_length"], "metrics": variant["metrics"]}
+           "max_length": manifest["max_length"], "metrics": variant["metrics"], "figures": figures}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
@@ -320,7 +320,13 @@ def _write_selection(selection: dict, manifest: dict, path: Path) -> None:
 def _int8_efficiency(results: dict, manifest: dict, texts: list[str], threads: int) -> dict:
     from perf import peak
 
-    chosen = next(e for e in results["entries"] if e["name"] == results["selection"]["variant"])
+    # The selected variant if it is int8, else the fastest int8 variant at batch 32.
+    kinds = {v["name"]: v["kind"] for v in manifest["variants"]}
+    int8 = [e for e in results["entries"] if kinds.get(e["name"]) == "int8"]
+    if not int8:
+        return {"skipped": "no int8 variant"}
+    chosen = next((e for e in int8 if e["name"] == results["selection"]["variant"]),
+                  max(int8, key=lambda e: e["offline"]["32"]["sentences_per_s"]))
     variant = next(v for v in manifest["variants"] if v["name"] == chosen["name"])
     macs = peak.linear_macs_per_token(Path(chosen["path"]) / "config.json", variant.get("pruning"))
     tokens = peak.padded_tokens(Path(chosen["path"]), texts, 32, manifest["max_length"], sort=results["config"]["bucketing"])

@@ -19,11 +19,9 @@ from serve.classifier import Encoded, OnnxClassifier, batched_logits
 
 
 class OnnxEngine:
-    def __init__(self, name: str, directory: Path, threads: int, max_length: int):
+    def __init__(self, name: str, directory: Path, threads: int, max_length: int, spin: bool):
         self.name = name
-        self.directory = directory
-        self.clf = OnnxClassifier(directory, threads=threads, max_length=max_length, device="cpu")
-        self.vocab = 30000
+        self.clf = OnnxClassifier(directory, threads=threads, max_length=max_length, device="cpu", spin=spin)
 
     def predict_one(self, text: str) -> None:
         self.clf.predict([text])
@@ -47,7 +45,6 @@ class PipelineEngine:
 
         torch.set_num_threads(threads)
         self.name = name
-        self.directory = model_dir
         self.torch = torch
         self.pipe = pipeline("text-classification", model=str(model_dir), device=-1, top_k=None,
                              truncation=True, max_length=max_length)
@@ -73,3 +70,10 @@ class PipelineEngine:
                                   max_length=self.pipe._preprocess_params.get("max_length", 128), return_tensors="pt")
                 out.append(self.model(**batch).logits.float().numpy())
         return np.concatenate(out)
+
+
+def make_engine(entry: dict, threads: int, max_length: int, spin: bool):
+    """The engine for a report entry: the pipeline for the PyTorch baseline, else ONNX."""
+    if entry["kind"] == "baseline" and entry["name"] == "baseline-pipeline":
+        return PipelineEngine(entry["name"], Path(entry["path"]), threads, max_length)
+    return OnnxEngine(entry["name"], Path(entry["path"]), threads, max_length, spin)

@@ -16,8 +16,7 @@ waiting inside the client counts.  With the servers stopped, the raw ``OnnxClass
 sentences in its own warmed block: serving overhead = served p50 - raw p50.
 
 Modes: ``batching`` is the service's defaults (adaptive batching); ``no-batching`` sets
-``TRIMSERVE_BATCHING=0`` (one model call per request).  A service without that switch
-refuses the unknown variable at start; the mode is then reported as not measured.
+``TRIMSERVE_BATCHING=0`` (one model call per request).
 
     python -m perf.loadgen --rates 10 20 40 80 --duration-s 5
     python -m perf.loadgen --url http://127.0.0.1:3000 --api-key-file .keys --variant int8-dynamic
@@ -25,7 +24,6 @@ refuses the unknown variable at start; the mode is then reported as not measured
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import ipaddress
@@ -49,7 +47,7 @@ import psutil
 from export import machine
 from export.manifest import load_manifest, ok_variants, variant_dir
 from serve.classifier import OnnxClassifier
-from train.cliargs import add_config_args, config_from_args
+from train.cliargs import ConfigParser, add_config_args, config_from_args
 from train.data import load_splits, spec_from_description
 from train.errors import UserError, run_cli
 
@@ -108,7 +106,7 @@ class LoadConfig:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m perf.loadgen", description=__doc__.split("\n\n")[0])
+    parser = ConfigParser(prog="python -m perf.loadgen", description=__doc__.split("\n\n")[0])
     add_config_args(parser, LoadConfig)
     return run(config_from_args(LoadConfig, parser.parse_args(argv)))
 
@@ -179,18 +177,8 @@ def _serve_and_measure(mode: str, directory: Path, manifest: dict, texts: list[s
            "TRIMSERVE_MANIFEST": str(Path(manifest["_root"]).resolve() / "manifest.json"),
            "TRIMSERVE_THREADS": str(config.thread_count), **MODES[mode]}
     print(f"[{mode}] starting bentoml serve ({' '.join(f'{k}={v}' for k, v in MODES[mode].items()) or 'defaults'})")
-    try:
-        with served(env, config.working_dir) as (url, key, pid):
-            return {"server_env": env, **measure(url, key, texts, config, label=mode, server_pid=pid)}
-    except ServerRefused as refused:
-        if not MODES[mode]:  # the service's defaults must start
-            raise UserError(f"bentoml serve exited at start: {refused}") from None
-        print(f"[{mode}] not measured: {refused}")
-        return {"status": "not measured", "reason": str(refused), "server_env": env}
-
-
-class ServerRefused(Exception):
-    """The service exited at start (its one-line reason is the message)."""
+    with served(env, config.working_dir) as (url, key, pid):
+        return {"server_env": env, **measure(url, key, texts, config, label=mode, server_pid=pid)}
 
 
 @contextlib.contextmanager
@@ -231,7 +219,7 @@ def _wait_ready(process: subprocess.Popen, url: str, log: Path, timeout_s: float
         if time.monotonic() - start > timeout_s:
             raise UserError(f"bentoml serve not ready after {timeout_s:.0f} s; its log ends: {_last_line(log)}")
         time.sleep(0.2)
-    raise ServerRefused(_last_line(log))
+    raise UserError(f"bentoml serve exited at start: {_last_line(log)}")
 
 
 def _last_line(log: Path) -> str:

@@ -150,6 +150,15 @@ class Variant:
     files: int
 
 
+def check_device(config: ServeConfig) -> None:
+    """TRIMSERVE_DEVICE=cuda needs onnxruntime-gpu with CUDA: say so before any worker starts."""
+    import onnxruntime
+
+    if config.device == "cuda" and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        raise UserError(f"{env_name('device')}=cuda but this onnxruntime has no CUDAExecutionProvider; "
+                        "install onnxruntime-gpu (pip install .[gpu]) on a machine with CUDA")
+
+
 def resolve_variant(config: ServeConfig) -> Variant:
     """The variant to serve, after checking every file against its recorded sha256."""
     if config.variant_dir:
@@ -170,6 +179,10 @@ def resolve_variant(config: ServeConfig) -> Variant:
             raise UserError(f"{config.selected} has no {', '.join(missing)}; re-run perf to write a complete selection")
         directory, source, expected = Path(selection["path"]), config.selected, selection["files"]
         name, max_length = selection["variant"], selection["max_length"]
+        if selection.get("manifest"):  # the manifest export wrote is the record; the selection must agree
+            entry = next((v for v in ok_variants(load_manifest(Path(selection["manifest"]))) if v["name"] == name), None)
+            if entry is None or entry["files"] != expected:
+                raise UserError(f"{config.selected} and {selection['manifest']} disagree about {name}; re-run perf")
     unlisted = sorted(NEEDED_FILES - set(expected))
     if unlisted:
         raise UserError(f"{source} records no sha256 for {', '.join(unlisted)} of {name}; re-run export")

@@ -31,7 +31,7 @@ from pydantic import AfterValidator, BaseModel, Field, StringConstraints, Valida
 from serve import metrics
 from serve.auth import BearerAuth
 from serve.classifier import OnnxClassifier
-from serve.config import ServeConfig, resolve_variant
+from serve.config import ServeConfig, check_device, resolve_variant
 from train.errors import UserError
 
 logger = logging.getLogger("trimserve.serve")
@@ -43,6 +43,7 @@ logger.setLevel(logging.INFO)  # BentoML leaves the root logger at WARNING
 # it too, so a bento can only be built around a verified variant.
 try:
     CONFIG = ServeConfig.from_env()
+    check_device(CONFIG)
     VARIANT = resolve_variant(CONFIG)
 except UserError as err:
     sys.exit(f"trimserve: {err}")
@@ -73,8 +74,6 @@ class Classifier:
         start = time.perf_counter()
         self.model = OnnxClassifier(VARIANT.directory, threads=CONFIG.ort_threads, device=CONFIG.device,
                                     max_length=VARIANT.max_length, spin=CONFIG.spin)
-        if CONFIG.device == "cuda" and self.model.provider != "CUDAExecutionProvider":
-            raise UserError(f"TRIMSERVE_DEVICE=cuda but ONNX Runtime runs on {self.model.provider}; install onnxruntime-gpu")
         metrics.MODEL_INFO.labels(variant=VARIANT.name, sha256=VARIANT.model_sha256).set(1)
         self.ready = False
         logger.info("loaded %s (%d files sha256-verified, max_length %d) on %s with %d threads in %.2f s",

@@ -17,6 +17,15 @@ from typing import Any, Literal, TypeVar
 T = TypeVar("T")
 
 
+class ConfigParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``UserError``), like every other bad input."""
+
+    def error(self, message: str):  # type: ignore[override]
+        from train.errors import UserError
+
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
 def _unwrap_optional(tp: Any) -> Any:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]

@@ -121,7 +121,7 @@ def _read_table(path: Path) -> pd.DataFrame:
         if stem.endswith(".json"):
             return pd.read_json(path)
         return pd.read_csv(path, sep="\t" if stem.endswith(".tsv") else ",")
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as err:
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError) as err:
         first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"cannot parse data file {path}: {first_line}") from None
 
@@ -132,7 +132,8 @@ def _read_hub(name: str) -> pd.DataFrame:
     try:
         loaded = datasets.load_dataset(name)
     except Exception as err:  # the hub client raises many types; all mean "not loadable"
-        raise UserError(f"cannot load dataset {name!r} from the Hugging Face hub: {err}") from None
+        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"cannot load dataset {name!r} from the Hugging Face hub: {first_line}") from None
     frames = [loaded[split].to_pandas() for split in loaded]
     return pd.concat(frames, ignore_index=True)
 

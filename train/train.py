@@ -11,7 +11,6 @@ weights, so export/ always sees a plain ``BertForSequenceClassification``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -22,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from train.cliargs import add_config_args, config_from_args
+from train.cliargs import ConfigParser, add_config_args, config_from_args
 from train.data import DEFAULT_DATA, DEFAULT_MODEL, DataSpec, Splits, load_splits, resolve_model
 from train.errors import UserError, run_cli
 
@@ -41,7 +40,7 @@ class TrainConfig:
     method: Literal["full", "lora"] = field(default="full", metadata={"help": "full fine-tuning or LoRA adapters (merged at the end)"})
     seed: int = field(default=42, metadata={"help": "seed for the split, the head initialisation and shuffling"})
     max_length: int = field(default=128, metadata={"help": "tokens per text; longer texts are truncated (median snippet: ~25 tokens)"})
-    epochs: float = field(default=3.0, metadata={"help": "passes over the training split (early stopping may end sooner)"})
+    epochs: float = field(default=2.0, metadata={"help": "passes over the training split (early stopping may end sooner)"})
     max_steps: int = field(default=-1, metadata={"help": "stop after this many optimizer steps (-1: use --epochs)"})
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training rows (for quick runs)"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "use only the first N validation and test rows (for quick runs)"})
@@ -66,8 +65,12 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise UserError(f"--max-steps must be -1 or >= 1, got {self.max_steps}")
-        if self.epochs <= 0 or self.learning_rate <= 0:
-            raise UserError("--epochs and --learning-rate must be positive")
+        if self.epochs <= 0 or self.learning_rate <= 0 or self.lora_learning_rate <= 0:
+            raise UserError("--epochs, --learning-rate and --lora-learning-rate must be positive")
+        if not 0 <= self.warmup_ratio <= 1 or not 0 <= self.lora_dropout < 1 or self.weight_decay < 0:
+            raise UserError("--warmup-ratio must lie in [0, 1], --lora-dropout in [0, 1), --weight-decay >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {self.threads}")
         for name in ("max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 2:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 2, got {getattr(self, name)}")
@@ -79,7 +82,7 @@ class TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n\n")[0])
+    parser = ConfigParser(prog="python -m train", description=__doc__.split("\n\n")[0])
     add_config_args(parser, TrainConfig)
     config = config_from_args(TrainConfig, parser.parse_args(argv))
     return train(config)
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def train(config: TrainConfig) -> dict:
     """Fine-tune, evaluate and save; returns the manifest that was written."""
-    output = Path(config.output)
+    output = Path(config.output).resolve()
     _check_output(output, config.overwrite)
     model_path = resolve_model(config.model)
     splits = load_splits(config.data_spec)
@@ -104,7 +107,7 @@ def train(config: TrainConfig) -> dict:
     if config.threads:
         torch.set_num_threads(config.threads)
     transformers.set_seed(config.seed)
-    tokenizer, model = _load_model(model_path, splits.label_names)
+    tokenizer, model = _load_model(model_path, splits.label_names, config.max_length)
     train_ds, val_ds, test_ds = (_tokenize(tokenizer, part, splits.label_names, config.max_length)
                                  for part in (splits.train, splits.validation, splits.test))
     if config.method == "lora":
@@ -143,9 +146,11 @@ def train(config: TrainConfig) -> dict:
 def _check_output(output: Path, overwrite: bool) -> None:
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file; expected a directory")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        what = "a trained model" if (output / MANIFEST).exists() else "other files"
-        raise UserError(f"--output {output} already holds {what}; pass --overwrite to replace it or choose another --output")
+    if output.is_dir() and any(output.iterdir()):
+        if not (output / MANIFEST).exists():  # --overwrite never deletes what train/ did not write
+            raise UserError(f"--output {output} holds other files, not a trained model; choose an empty or new directory")
+        if not overwrite:
+            raise UserError(f"--output {output} already holds a trained model; pass --overwrite to replace it or choose another --output")
     output.parent.mkdir(parents=True, exist_ok=True)
 
 
@@ -159,7 +164,7 @@ def _replace_dir(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_model(model_path: str, label_names: list[str]):
+def _load_model(model_path: str, label_names: list[str], max_length: int):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -174,6 +179,9 @@ def _load_model(model_path: str, label_names: list[str]):
         raise UserError(f"cannot load model {model_path!r}: {str(err).splitlines()[0]}") from None
     finally:
         hf_logging.set_verbosity_warning()
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and max_length > positions:
+        raise UserError(f"--max-length {max_length} exceeds the model's {positions} positions; use --max-length <= {positions}")
     return tokenizer, model
 
 

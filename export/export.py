@@ -139,6 +139,7 @@ def export(config: ExportConfig) -> dict:
     max_length = int(train_manifest.get("max_length", 128)) if train_manifest else 128
     print(f"export: {model_dir} -> {out}; recipes: {', '.join(r.name for r in recipes)}; int8 ISA: {isa}")
 
+    started = time.perf_counter()
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
     context = Context(config, model_dir, staging, splits, max_length, isa, cuda)
     variants: list[dict] = []
@@ -160,6 +161,7 @@ def export(config: ExportConfig) -> dict:
             "pytorch": {"test": context.reference["unpruned"]["test_metrics"],
                         "validation": context.reference["unpruned"]["validation_metrics"]},
             "variants": variants,
+            "seconds": round(time.perf_counter() - started, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -265,10 +265,13 @@ def _peak_memory(entry: dict, threads: int, max_length: int, spin: bool, texts: 
     """
     import subprocess
 
-    code = ("import json,resource,sys,psutil;from perf.engines import make_engine;"
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so it would report the
+    # parent's (this benchmark's) peak.
+    code = ("import json,sys,psutil;from perf.engines import make_engine;"
             "e,t,m,p,x=json.loads(sys.stdin.read());base=psutil.Process().memory_info().rss;"
             "g=make_engine(e,t,m,p);g.predict_batch(x[:32]);[g.predict_one(s) for s in x];"
-            "print(json.dumps([base,resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024]))")
+            "hwm=[l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1];"
+            "print(json.dumps([base,int(hwm)*1024]))")
     proc = subprocess.run([sys.executable, "-c", code], input=json.dumps([entry, threads, max_length, spin, texts]),
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     if proc.returncode != 0:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from train.errors import UserError
+
 MODEL_FILE = "model.onnx"
 
 
@@ -59,7 +61,11 @@ class OnnxClassifier:
             # ORT's workers busy-wait after each call; between sparse requests that burns a core
             # (seen here: ~45 ms of CPU per 50 ms gap) that HTTP parsing and tokenizing need.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(directory / file_name), options, providers=providers_for(device))
+        try:
+            self.session = ort.InferenceSession(str(directory / file_name), options, providers=providers_for(device))
+        except Exception as err:  # onnxruntime raises its own pybind types (InvalidProtobuf, Fail...)
+            raise UserError(f"{directory / file_name} is not a loadable ONNX model ({type(err).__name__}); "
+                            "re-export the variant") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.provider = self.session.get_providers()[0]
 

@@ -105,7 +105,7 @@ def test_corrupt_onnx_file_is_refused_by_readers(manifest, tmp_path):
     variant = next(v for v in reloaded["variants"] if v["name"] == "int8-dynamic")
     assert verify_files(copy / "int8-dynamic", variant["files"]) == ["model.onnx (sha256 mismatch)"]
     model.write_bytes(b"not an onnx graph")
-    with pytest.raises(Exception):
+    with pytest.raises(UserError, match="model.onnx is not a loadable ONNX model \\(InvalidProtobuf\\); re-export"):
         OnnxClassifier(copy / "int8-dynamic")
 
 

@@ -46,6 +46,7 @@ class PipelineEngine:
         torch.set_num_threads(threads)
         self.name = name
         self.torch = torch
+        self.max_length = max_length
         self.pipe = pipeline("text-classification", model=str(model_dir), device=-1, top_k=None,
                              truncation=True, max_length=max_length)
         self.model = self.pipe.model.eval()
@@ -67,7 +68,7 @@ class PipelineEngine:
         with self.torch.inference_mode():
             for start in range(0, len(texts), 64):
                 batch = tokenizer(texts[start:start + 64], truncation=True, padding=True,
-                                  max_length=self.pipe._preprocess_params.get("max_length", 128), return_tensors="pt")
+                                  max_length=self.max_length, return_tensors="pt")
                 out.append(self.model(**batch).logits.float().numpy())
         return np.concatenate(out)
 

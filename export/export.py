@@ -276,22 +276,28 @@ def _load_torch(model_dir: Path):
 
 def _torch_logits(model, splits: Splits, config: ExportConfig, max_length: int) -> dict:
     """Reference logits of a PyTorch model on validation and test, with its metrics."""
-    import torch
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     result = {}
     for part in ("validation", "test"):
-        texts = getattr(splits, part)["text"].tolist()
-        logits = []
-        with torch.inference_mode():
-            for start in range(0, len(texts), config.batch_size):
-                batch = tokenizer(texts[start:start + config.batch_size], truncation=True, max_length=max_length,
-                                  padding=True, return_tensors="pt")
-                logits.append(model(**batch).logits.float().numpy())
-        result[part] = np.concatenate(logits)
-        result[f"{part}_metrics"] = score(result[part], getattr(splits, part)["label"].tolist(), splits.label_names)
+        frame = getattr(splits, part)
+        result[part] = batched_torch_logits(model, tokenizer, frame["text"].tolist(), max_length, config.batch_size)
+        result[f"{part}_metrics"] = score(result[part], frame["label"].tolist(), splits.label_names)
     return result
+
+
+def batched_torch_logits(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 64) -> np.ndarray:
+    """Logits of a PyTorch classifier for ``texts``, in batches padded to their longest text."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length,
+                              padding=True, return_tensors="pt")
+            out.append(model(**batch).logits.float().numpy())
+    return np.concatenate(out)
 
 
 def score(logits: np.ndarray, labels: list[str], label_names: list[str]) -> dict:

@@ -252,11 +252,13 @@ def _distill(ctx, teacher, student, tokenizer) -> dict:
     from datasets import Dataset
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
+    from export.export import batched_torch_logits
+
     config = ctx.config
     texts = ctx.splits.train["text"].tolist()
     labels = [ctx.splits.label_names.index(x) for x in ctx.splits.train["label"]]
     # Teacher logits once per sentence (no dropout in eval mode, so every epoch would repeat them).
-    teacher_logits = _batched_torch_logits(teacher, tokenizer, texts, ctx.max_length)
+    teacher_logits = batched_torch_logits(teacher, tokenizer, texts, ctx.max_length)
     ds = Dataset.from_dict({"text": texts, "labels": labels, "teacher_logits": teacher_logits.tolist()})
     ds = ds.map(lambda b: tokenizer(b["text"], truncation=True, max_length=ctx.max_length), batched=True,
                 remove_columns=["text"], desc="tokenize")
@@ -286,18 +288,6 @@ def _distill(ctx, teacher, student, tokenizer) -> dict:
     return {"steps": result.global_step, "seconds": round(time.perf_counter() - started, 1),
             "loss": round(result.training_loss, 5), "temperature": config.distill_temperature,
             "alpha": config.distill_alpha, "learning_rate": config.distill_learning_rate, "examples": len(texts)}
-
-
-def _batched_torch_logits(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 64) -> np.ndarray:
-    import torch
-
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length,
-                              padding=True, return_tensors="pt")
-            out.append(model(**batch).logits.float().numpy())
-    return np.concatenate(out)
 
 
 def _params(module) -> int:

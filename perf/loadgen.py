@@ -30,10 +30,6 @@ import ipaddress
 import json
 import os
 import secrets
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,6 +43,7 @@ import psutil
 from export import machine
 from export.manifest import load_manifest, ok_variants, variant_dir
 from serve.classifier import OnnxClassifier
+from serve.launch import ServerProcess
 from train.cliargs import ConfigParser, add_config_args, config_from_args
 from train.data import load_splits, spec_from_description
 from train.errors import UserError, run_cli
@@ -183,60 +180,14 @@ def _serve_and_measure(mode: str, directory: Path, manifest: dict, texts: list[s
 
 @contextlib.contextmanager
 def served(env: dict, working_dir: str, ready_timeout_s: float = 180) -> Iterator[tuple[str, str, int]]:
-    """``bentoml serve`` on a free loopback port with a fresh key and BENTOML_HOME; yields (url, key, pid)."""
+    """``bentoml serve`` on a free loopback port with a fresh key; yields (url, key, pid)."""
     with tempfile.TemporaryDirectory(prefix="loadgen-") as tmp:
-        key, port = secrets.token_urlsafe(24), _free_port()
+        key = secrets.token_urlsafe(24)
         (Path(tmp) / "keys").write_text(key + "\n")
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("TRIMSERVE_")}
-        full_env.update(env, TRIMSERVE_API_KEYS_FILE=f"{tmp}/keys", BENTOML_HOME=f"{tmp}/home",
-                        BENTOML_DO_NOT_TRACK="True")
-        log = Path(tmp) / "server.log"
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "bentoml", "serve", "serve.service:Classifier", "--host", "127.0.0.1",
-                 "--port", str(port), "--working-dir", working_dir],
-                cwd=working_dir, env=full_env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            _wait_ready(process, f"http://127.0.0.1:{port}", log, ready_timeout_s)
-            yield f"http://127.0.0.1:{port}", key, process.pid
-        finally:
-            _stop(process)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(process: subprocess.Popen, url: str, log: Path, timeout_s: float) -> None:
-    start = time.monotonic()
-    while process.poll() is None:
-        with contextlib.suppress(httpx.HTTPError):  # not bound yet, or loading: /readyz hangs
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                print(f"  ready in {time.monotonic() - start:.1f} s")
-                return
-        if time.monotonic() - start > timeout_s:
-            raise UserError(f"bentoml serve not ready after {timeout_s:.0f} s; its log ends: {_last_line(log)}")
-        time.sleep(0.2)
-    raise UserError(f"bentoml serve exited at start: {_last_line(log)}")
-
-
-def _last_line(log: Path) -> str:
-    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    trimserve = [line for line in lines if line.startswith("trimserve:")]  # the service's own start-up errors
-    return (trimserve or lines or ["(empty log)"])[-1].strip()
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the process group stops the arbiter and its workers."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        with ServerProcess({**env, "TRIMSERVE_API_KEYS_FILE": f"{tmp}/keys"}, Path(tmp) / "server.log",
+                           working_dir, home=f"{tmp}/home") as server:
+            print(f"  ready in {server.wait_ready(ready_timeout_s):.1f} s")
+            yield server.url, key, server.pid
 
 
 # --- measuring a running server -----------------------------------------------------------------

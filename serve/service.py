@@ -4,16 +4,17 @@
 
 Reads top to bottom: read ``ServeConfig`` from ``TRIMSERVE_*`` variables and check the
 selected variant's files against their sha256 (at import, see below), declare the request
-limits, then the service: load the model, warm it up, classify batches.  Auth and
-rejection counting are ASGI middlewares added at the end; the model itself is the
-transport-free ``OnnxClassifier``.
+limits, then the service: load the model, warm it up, classify batches.  Metrics, auth and
+the request guard (body size, content type, admission) are ASGI middlewares added at the
+end; the model itself is the transport-free ``OnnxClassifier``.
 
     POST /classify  {"texts": ["...", ...]}
     -> [{"label": "fresh", "score": 0.97, "probabilities": {"fresh": 0.97, "rotten": 0.03}}, ...]
 
 Errors are JSON: 400 (validation: empty or whitespace-only text, a non-string, an empty
-list, too many texts, a text over max_text_chars, malformed JSON), 401 (auth), 429 (over
-max_concurrency), 503 (queued past the batching deadline), 504 (timeout).  A text over the
+list, too many texts, a text over max_text_chars, malformed JSON), 401 (auth), 408 (body
+too slow), 413 (body over max_body_bytes), 415 (not JSON), 429 (per-key rate limit), 503
+(over max_concurrency, or queued past the batching deadline), 504 (timeout).  A text over the
 model's token limit is not an error: it is truncated, like at training time, and counted
 in ``trimserve_truncated_texts_total``.  Request texts and keys are never logged.
 """
@@ -21,21 +22,25 @@ in ``trimserve_truncated_texts_total``.  Request texts and keys are never logged
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from typing import Annotated
 
 import bentoml
+from bentoml.exceptions import ServiceUnavailable
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints, ValidationError
 
 from serve import metrics
-from serve.auth import BearerAuth
+from serve.auth import BearerAuth, KeyStore, RateLimiter
 from serve.classifier import OnnxClassifier
 from serve.config import ServeConfig, check_device, resolve_variant
+from serve.guard import RequestGuard
+from serve.metrics import RequestMetrics
 from train.errors import UserError
 
 logger = logging.getLogger("trimserve.serve")
-logger.setLevel(logging.INFO)  # BentoML leaves the root logger at WARNING
+logging.getLogger("trimserve").setLevel(logging.INFO)  # BentoML leaves the root logger at WARNING
 
 # At import, not in __init__: `bentoml serve` imports this module before it starts any
 # worker, so a bad setting or a tampered model stops the server with one line. A failure
@@ -66,12 +71,16 @@ class Prediction(BaseModel):
     probabilities: dict[str, float] = Field(description="probability of every label")
 
 
-@bentoml.service(workers=CONFIG.workers, traffic={"timeout": CONFIG.timeout_s, "max_concurrency": CONFIG.max_concurrency})
+# No BentoML max_concurrency: trimserve's RequestGuard limits admission itself, answering 503
+# with Retry-After and counting it (BentoML's 429 happens outside every user middleware).
+@bentoml.service(workers=CONFIG.workers, traffic={"timeout": CONFIG.timeout_s})
 class Classifier:
     """Text classifier exported and selected by trimserve (ONNX Runtime)."""
 
     def __init__(self) -> None:
         start = time.perf_counter()
+        metrics.forget_dead_workers()  # a worker killed earlier left its live gauges behind
+        metrics.READY.set(0)
         self.model = OnnxClassifier(VARIANT.directory, threads=CONFIG.ort_threads, device=CONFIG.device,
                                     max_length=VARIANT.max_length, spin=CONFIG.spin)
         metrics.MODEL_INFO.labels(variant=VARIANT.name, sha256=VARIANT.model_sha256).set(1)
@@ -86,6 +95,7 @@ class Classifier:
         start = time.perf_counter()
         self.model.predict(["warm-up"] * (CONFIG.max_batch_size - 1) + ["warm-up " * VARIANT.max_length])
         self.ready = True
+        metrics.READY.set(1)
         logger.info("warm-up done in %.2f s; ready", time.perf_counter() - start)
 
     def __is_ready__(self) -> bool:
@@ -109,10 +119,12 @@ class Classifier:
         return predictions
 
 
-class HideRequestText(logging.Filter):
-    """Log a rejected request's error types and places, not the traceback BentoML logs.
+class QuietRejections(logging.Filter):
+    """One INFO line instead of the ERROR traceback BentoML logs for a rejected request.
 
-    A pydantic ValidationError's message quotes the offending input, i.e. the request's text.
+    A pydantic ValidationError's message quotes the offending input, i.e. the request's text:
+    the line names the error types and places only.  A ServiceUnavailable is the batching
+    deadline (503) under overload: a traceback per request would flood the log exactly then.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -120,16 +132,28 @@ class HideRequestText(logging.Filter):
         if isinstance(error, ValidationError):
             where = "; ".join(f"{e['type']} at {'.'.join(map(str, e['loc'])) or 'body'}"
                               for e in error.errors(include_input=False, include_context=False, include_url=False))
-            record.msg, record.args = "%s -> 400: %s", (record.getMessage().replace("Exception on", "invalid request to"), where)
-            record.exc_info, record.exc_text, record.levelno, record.levelname = None, None, logging.INFO, "INFO"
+            self._one_line(record, "invalid request to", f"400: {where}")
+        elif isinstance(error, ServiceUnavailable):
+            self._one_line(record, "overload:", f"503: queued work would miss the {CONFIG.max_latency_ms} ms batching deadline")
         return True
+
+    @staticmethod
+    def _one_line(record: logging.LogRecord, what: str, outcome: str) -> None:
+        record.msg, record.args = "%s -> %s", (record.getMessage().replace("Exception on", what), outcome)
+        record.exc_info, record.exc_text, record.levelno, record.levelname = None, None, logging.INFO, "INFO"
 
 
 # The logger of BentoML's api_endpoint_wrapper (1.4); tests/test_serve.py checks the logs stay clean.
-logging.getLogger("bentoml._internal.server.http_app").addFilter(HideRequestText())
-# Outermost first: count every rejection, including the 401s of the auth inside it.
-Classifier.add_asgi_middleware(metrics.CountRejections)
+logging.getLogger("bentoml._internal.server.http_app").addFilter(QuietRejections())
+# Outermost first: RequestMetrics sees every answer, including the 401/429 of auth and the
+# 413/415/408/503 of the guard; auth runs before the guard reads any body.
+Classifier.add_asgi_middleware(RequestMetrics)
 if CONFIG.api_keys:
-    Classifier.add_asgi_middleware(BearerAuth, keys=CONFIG.api_keys, protect_metrics=CONFIG.protect_metrics)
+    rate_limit = RateLimiter(CONFIG.rate_limit_rps, CONFIG.rate_limit_burst) if CONFIG.rate_limit_rps else None
+    Classifier.add_asgi_middleware(BearerAuth, keys=KeyStore(CONFIG.api_keys, path=CONFIG.api_keys_file),
+                                   protect_metrics=CONFIG.protect_metrics, rate_limit=rate_limit)
 else:
     logger.warning("TRIMSERVE_ALLOW_NO_AUTH is set: serving WITHOUT authentication")
+Classifier.add_asgi_middleware(RequestGuard, max_body_bytes=CONFIG.max_body_bytes,
+                               max_in_flight=math.ceil(CONFIG.max_concurrency / CONFIG.workers),
+                               body_timeout_s=CONFIG.timeout_s)

@@ -8,9 +8,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -25,10 +22,11 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from export.manifest import load_manifest, ok_variants, variant_dir
-from serve.auth import BearerAuth
+from serve.auth import BearerAuth, KeyStore, RateLimiter, digest, parse_keys
 from serve.config import ServeConfig, resolve_variant
-from serve.metrics import CountRejections
-from tests.conftest import REPO
+from serve.guard import RequestGuard
+from serve.launch import ServerProcess
+from serve.metrics import RequestMetrics
 from train.errors import UserError
 
 VARIANT = "onnx-fp32"  # always built, and numerically the fine-tuned model itself
@@ -43,10 +41,11 @@ ROTTEN = [f"Bad acting, bad script, bad everything. {MARK}", f"Awful, awful, awf
 
 def test_config_defaults_and_parsing(tmp_path):
     keys = tmp_path / "keys"
-    keys.write_text("# comment\nalpha\n\n beta \n")
+    keys.write_text(f"# comment\nalpha\n\n beta \n{digest('gamma').upper().replace('SHA256', 'sha256')}\n")
     config = ServeConfig.from_env({"TRIMSERVE_API_KEYS_FILE": str(keys), "TRIMSERVE_MAX_BATCH_SIZE": " 16 ",
                                    "TRIMSERVE_PROTECT_METRICS": "yes", "TRIMSERVE_THREADS": "", "TRIMSERVE_DEVICE": "cpu"})
-    assert config.api_keys == ("alpha", "beta") and config.max_batch_size == 16 and config.protect_metrics
+    assert config.api_keys == (digest("alpha"), digest("beta"), digest("gamma"))  # kept as digests only
+    assert config.max_batch_size == 16 and config.protect_metrics
     assert config.threads is None and config.ort_threads >= 1 and config.device == "cpu"
     assert "alpha" not in repr(config)
     assert ServeConfig.from_env({"TRIMSERVE_API_KEYS": "a, b,"}).api_keys == ("a", "b")
@@ -66,6 +65,8 @@ OPEN = {"TRIMSERVE_ALLOW_NO_AUTH": "1"}
     ({"TRIMSERVE_API_KEYS": " , "}, r"TRIMSERVE_API_KEYS is set but holds no keys"),
     ({"TRIMSERVE_API_KEYS_FILE": "/nonexistent/keys"}, r"TRIMSERVE_API_KEYS_FILE='/nonexistent/keys' is not valid: no such file"),
     ({"TRIMSERVE_API_KEYS": "a", "TRIMSERVE_API_KEYS_FILE": "/k"}, r"both TRIMSERVE_API_KEYS and TRIMSERVE_API_KEYS_FILE"),
+    ({**OPEN, "TRIMSERVE_MAX_BODY_BYTES": "100"}, r"TRIMSERVE_MAX_BODY_BYTES=100 is not valid: expected an integer >= 1024"),
+    ({**OPEN, "TRIMSERVE_RATE_LIMIT_RPS": "-1"}, r"TRIMSERVE_RATE_LIMIT_RPS=-1.0 is not valid: expected requests/s >= 0"),
     ({}, r"no API keys: set TRIMSERVE_API_KEYS_FILE .* or TRIMSERVE_ALLOW_NO_AUTH=1"),
 ])
 def test_config_errors_name_the_variable(env, message):
@@ -115,18 +116,28 @@ def test_resolve_variant(variant, tmp_path):
         resolve_variant(ServeConfig(variant_dir=str(copy), manifest=str(manifest), allow_no_auth=True))
 
 
-# --- in-process: auth and rejection counting ---------------------------------------------
+# --- in-process: auth, keys, rate limit, request guard, metrics ----------------------------
 
-def _app(**auth):
-    ok = Starlette(routes=[Route(p, lambda r: PlainTextResponse("ok"), methods=["GET", "POST"])
-                           for p in ("/classify", "/livez", "/readyz", "/healthz", "/metrics")])
-    return CountRejections(BearerAuth(ok, keys=["first-key", "second-key"], **auth))
+def _ok_app(delay_s: float = 0.0):
+    async def ok(request):
+        await request.body()
+        await asyncio.sleep(delay_s)
+        return PlainTextResponse("ok")
+    return Starlette(routes=[Route(p, ok, methods=["GET", "POST"])
+                             for p in ("/classify", "/livez", "/readyz", "/healthz", "/metrics")])
 
 
-def _call(app, method: str, path: str, authorization: str | bytes | None = None) -> httpx.Response:
+def _app(keys: KeyStore | None = None, **auth):
+    return RequestMetrics(BearerAuth(_ok_app(), keys=keys or KeyStore(["first-key", "second-key"]), **auth))
+
+
+def _call(app, method: str, path: str, authorization: str | bytes | None = None, headers: dict | None = None,
+          **kwargs) -> httpx.Response:
+    headers = {**(headers or {}), **({"authorization": authorization} if authorization else {})}
+
     async def go():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            return await client.request(method, path, headers={"authorization": authorization} if authorization else {})
+            return await client.request(method, path, headers=headers, **kwargs)
     return asyncio.run(go())
 
 
@@ -142,7 +153,107 @@ def test_bearer_auth_middleware():
     assert all(_call(app, "GET", p).status_code == 200 for p in ("/livez", "/readyz", "/healthz", "/metrics"))
     assert _call(_app(protect_metrics=True), "GET", "/metrics").status_code == 401
     with pytest.raises(ValueError, match="at least one key"):
-        BearerAuth(None, keys=[])
+        KeyStore([])
+
+
+def test_keys_are_kept_as_digests_and_parsed_strictly():
+    store = KeyStore(["plain-key", digest("hashed-key")])
+    assert "plain-key" not in repr(store.digests) and len(store.digests) == 2
+    assert store.match(b"plain-key") == digest("plain-key") and store.match(b"hashed-key") == digest("hashed-key")
+    assert store.match(b"sha256:" + digest("hashed-key").encode()) is None  # the digest itself is no key
+    with pytest.raises(ValueError, match=r"^line 2 starts with sha256: but is not followed by 64 hex digits$"):
+        parse_keys(["ok", "sha256:abc"])
+
+
+def test_keys_file_is_reloaded_when_it_changes(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("old-key\n")
+    store = KeyStore(path=keys, check_every_s=0)
+    app = _app(store)
+    assert _call(app, "POST", "/classify", "Bearer old-key").status_code == 200
+    keys.write_text(f"{digest('new-key')}\n")  # rotate: the old key is revoked, the new one hashed at rest
+    assert _call(app, "POST", "/classify", "Bearer new-key").status_code == 200
+    assert _call(app, "POST", "/classify", "Bearer old-key").status_code == 401
+    for broken in ("", "sha256:nothex\n"):  # an unusable file keeps the keys in use
+        keys.write_text(broken)
+        assert _call(app, "POST", "/classify", "Bearer new-key").status_code == 200
+    keys.unlink()
+    assert _call(app, "POST", "/classify", "Bearer new-key").status_code == 200
+    replacement = tmp_path / "keys.new"  # how a Kubernetes Secret volume updates: a new file moved into place
+    replacement.write_text("third-key\n")
+    replacement.rename(keys)
+    assert _call(app, "POST", "/classify", "Bearer third-key").status_code == 200
+
+
+def test_rate_limit_is_a_token_bucket_per_key():
+    limiter = RateLimiter(rate=2.0, burst=3)
+    assert [limiter.wait_s("a", now=10.0) for _ in range(4)] == [0, 0, 0, 0.5]
+    assert limiter.wait_s("b", now=10.0) == 0  # keys have their own buckets
+    assert limiter.wait_s("a", now=10.5) == 0 and limiter.wait_s("a", now=10.5) == 0.5
+    assert limiter.wait_s("a", now=100.0) == 0  # refilled, but never above the burst
+    assert [limiter.wait_s("a", now=100.0) for _ in range(3)] == [0, 0, 0.5]
+    app = _app(rate_limit=RateLimiter(rate=0.5, burst=2))
+    statuses = [_call(app, "POST", "/classify", "Bearer first-key") for _ in range(3)]
+    assert [r.status_code for r in statuses] == [200, 200, 429]
+    assert statuses[2].headers["retry-after"] == "2" and "rate limit" in statuses[2].json()["error"]
+    assert _call(app, "POST", "/classify", "Bearer second-key").status_code == 200
+
+
+def _guarded(delay_s: float = 0.0, **limits):
+    return RequestMetrics(RequestGuard(_ok_app(delay_s), **{"max_body_bytes": 1000, "max_in_flight": 2, **limits}))
+
+
+def test_guard_limits_body_size_and_type_before_the_app():
+    app, json_type = _guarded(), {"content-type": "application/json"}
+    assert _call(app, "POST", "/classify", content=b"x" * 1000, headers=json_type).status_code == 200
+    too_big = _call(app, "POST", "/classify", content=b"x" * 1001, headers=json_type)
+    assert too_big.status_code == 413 and "1001 bytes is over the limit of 1000" in too_big.json()["error"]
+    async def chunks():  # no Content-Length: sent chunked
+        yield b"x" * 600
+        yield b"x" * 600
+
+    chunked = _call(app, "POST", "/classify", content=chunks(), headers=json_type)
+    assert "content-length" not in chunked.request.headers and chunked.status_code == 413
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        response = _call(app, "POST", "/classify", content=b"{}", headers={"content-type": content_type} if content_type
+                         else {})
+        assert response.status_code == 415, content_type
+    assert _call(app, "POST", "/classify", content=b"{}", headers={"content-type": "Application/JSON; charset=utf-8"}
+                 ).status_code == 200
+    assert _call(app, "GET", "/metrics").status_code == 200  # other paths are not the guard's business
+
+
+def test_guard_admits_a_bounded_number_and_refuses_the_rest_at_once():
+    app = _guarded(delay_s=0.5, max_in_flight=2)
+
+    async def burst():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            async def one():
+                start = time.perf_counter()
+                response = await client.post("/classify", json={})
+                return response, time.perf_counter() - start
+            return await asyncio.gather(*(one() for _ in range(5)))
+
+    count = lambda code: REGISTRY.get_sample_value("trimserve_requests_total", {"code": code}) or 0  # noqa: E731
+    before = count("503")
+    results = asyncio.run(burst())
+    assert sorted(r.status_code for r, _ in results) == [200, 200, 503, 503, 503]
+    refused = [(r, t) for r, t in results if r.status_code == 503]
+    assert all(r.headers["retry-after"] == "1" and t < 0.25 for r, t in refused)  # at once, not after the work
+    assert count("503") == before + 3
+    assert REGISTRY.get_sample_value("trimserve_in_flight_requests") == 0
+    assert REGISTRY.get_sample_value("trimserve_in_flight_limit") == 2
+
+
+def test_guard_refuses_a_body_that_never_completes():
+    async def trickle():
+        yield b'{"texts": '
+        await asyncio.sleep(5)
+        yield b"[]}"
+
+    response = _call(_guarded(body_timeout_s=0.3), "POST", "/classify", content=trickle(),
+                     headers={"content-type": "application/json"})
+    assert response.status_code == 408
 
 
 def test_rejections_are_counted_by_reason():
@@ -154,33 +265,8 @@ def test_rejections_are_counted_by_reason():
 
 # --- end to end: a real `bentoml serve` ----------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(env: dict, tmp: Path, name: str) -> tuple[subprocess.Popen, int, Path]:
-    """`bentoml serve` on a free port with its own BENTOML_HOME (it wipes its metrics dir at start)."""
-    port, log = _free_port(), tmp / f"{name}.log"
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TRIMSERVE_")}
-    full_env.update(BENTOML_HOME=str(tmp / f"{name}-home"), BENTOML_DO_NOT_TRACK="True", **env)
-    with log.open("wb") as out:  # the child keeps its own copy of the descriptor
-        process = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "serve.service:Classifier", "--host",
-                                    "127.0.0.1", "--port", str(port), "--working-dir", str(REPO)], cwd=REPO, env=full_env,
-                                   start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
-    return process, port, log
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the process group stops the arbiter and its workers."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+def _start(env: dict, tmp: Path, name: str) -> ServerProcess:
+    return ServerProcess(env, tmp / f"{name}.log", home=tmp / f"{name}-home")
 
 
 @dataclass
@@ -188,6 +274,7 @@ class Server:
     url: str
     log: Path
     model_sha256: str
+    keys: Path
 
 
 @pytest.fixture(scope="module")
@@ -213,22 +300,12 @@ def server(tiny_variants, variant, tmp_path_factory):
            # deadline is a 503 rather than a wait
            "TRIMSERVE_MAX_LATENCY_MS": "10000", "TRIMSERVE_MAX_CONCURRENCY": "48", "TRIMSERVE_MAX_TEXTS_PER_REQUEST": "8",
            "TRIMSERVE_MAX_TEXT_CHARS": "2000"}
-    process, port, log = _start(env, tmp, "server")
-    url, start = f"http://127.0.0.1:{port}", time.monotonic()
+    server = _start(env, tmp, "server")
     try:
-        while True:
-            assert process.poll() is None, f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:  # not bound yet, or busy loading: /readyz hangs until the worker is up
-                pass
-            assert time.monotonic() - start < 120, "server not ready after 120 s"
-            time.sleep(0.2)
-        print(f"\nbentoml serve ready in {time.monotonic() - start:.1f} s")
-        yield Server(url, log, entry["files"]["model.onnx"]["sha256"])
+        print(f"\nbentoml serve ready in {server.wait_ready(120):.1f} s")
+        yield Server(server.url, server.log, entry["files"]["model.onnx"]["sha256"], tmp / "keys")
     finally:
-        _stop(process)
+        server.stop()
 
 
 def _post(url: str, body, key: str | None = KEY) -> httpx.Response:
@@ -360,31 +437,139 @@ def test_concurrent_requests_are_batched(server):
     print(f"\n{texts:.0f} texts in {calls:.0f} model calls")
 
 
-def test_overload_gets_429_and_keeps_serving(server):
+def test_overload_gets_503_at_once_and_keeps_serving(server):
     url = server.url
-    statuses = _in_threads(80, lambda i: _post(url, {"texts": [f"{FRESH[0]} {i}"] * 8}).status_code)
-    assert set(statuses) <= {200, 429, 503} and 429 in statuses, sorted(statuses)
-    # 429s are answered before trimserve's middleware; BentoML counts them
-    assert any("http_response_code=429" in k and v > 0 for k, v in _metrics(url).items()
-               if k.startswith("bentoml_service_request_total{"))
+    before = _metrics(url)["trimserve_rejected_requests_total{reason=overload}"]
+    responses = _in_threads(80, lambda i: _post(url, {"texts": [f"{FRESH[0]} {i}"] * 8}))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503} and 503 in statuses, sorted(statuses)
+    refused = [r for r in responses if r.status_code == 503]
+    assert all(r.json()["error"] and r.headers.get("retry-after") for r in refused if "overloaded" in r.text)
+    # the guard's 503s and BentoML's batching-deadline 503s both count as overload
+    assert _metrics(url)["trimserve_rejected_requests_total{reason=overload}"] == before + len(refused)
+    assert _metrics(url)["trimserve_in_flight_requests{}"] == 0
     assert _post(url, {"texts": [FRESH[0]]}).status_code == 200
 
 
-def test_tampered_model_refuses_to_start(tiny_variants, variant, tmp_path):
-    tampered = tmp_path / VARIANT
-    shutil.copytree(variant[0], tampered)
-    data = bytearray((tampered / "model.onnx").read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    (tampered / "model.onnx").write_bytes(data)
-    process, _, log = _start({"TRIMSERVE_VARIANT_DIR": str(tampered), "TRIMSERVE_MANIFEST": str(tiny_variants / "manifest.json"),
-                              "TRIMSERVE_API_KEYS": KEY}, tmp_path, "tampered")
+def test_keys_file_change_takes_effect_without_restart(server):
+    new_key = "tk-" + secrets.token_hex(16)
+    assert _post(server.url, {"texts": [FRESH[0]]}, key=new_key).status_code == 401
+    server.keys.write_text(f"{KEY}\n{digest(new_key)}\n")
+    time.sleep(1.1)  # the file is looked at once a second at most
+    assert _post(server.url, {"texts": [FRESH[0]]}, key=new_key).status_code == 200
+    assert _metrics(server.url)["trimserve_api_keys{}"] == 2
+
+
+@pytest.mark.parametrize("fault", ["truncated", "replaced", "missing"])
+def test_damaged_model_file_refuses_to_start(tiny_variants, variant, tmp_path, fault):
+    damaged = tmp_path / VARIANT
+    shutil.copytree(variant[0], damaged)
+    model = damaged / "model.onnx"
+    if fault == "truncated":
+        model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    elif fault == "replaced":  # another valid ONNX model under the same name
+        other = next(v for v in ok_variants(variant[2]) if v["name"] == "int8-dynamic")
+        shutil.copy(variant_dir(variant[2], other) / "model.onnx", model)
+    else:
+        model.unlink()
+    server = _start({"TRIMSERVE_VARIANT_DIR": str(damaged), "TRIMSERVE_MANIFEST": str(tiny_variants / "manifest.json"),
+                     "TRIMSERVE_API_KEYS": KEY}, tmp_path, fault)
     try:
-        assert process.wait(60) != 0
+        assert server.process.wait(60) != 0
     finally:
-        _stop(process)
-    output = log.read_text()
-    assert "refusing to serve onnx-fp32" in output and "model.onnx (sha256 mismatch)" in output, output[-2000:]
+        server.stop()
+    output = server.log.read_text()
+    expected = "model.onnx (missing)" if fault == "missing" else "model.onnx (sha256 mismatch)"
+    assert f"trimserve: refusing to serve onnx-fp32 from {damaged}: {expected}" in output, output[-2000:]
     assert KEY not in output
+
+
+# --- lifecycle: a server of its own, since these tests kill it -------------------------------
+
+HEAVY = {"texts": [f"{FRESH[0]} " * 6] * 32}  # 32 texts of ~64 tokens: a full model batch per request
+
+
+@pytest.fixture(scope="module")
+def disposable(variant, tiny_variants, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lifecycle")
+    (tmp / "keys").write_text(KEY + "\n")
+    env = {"TRIMSERVE_VARIANT_DIR": str(variant[0]), "TRIMSERVE_MANIFEST": str(tiny_variants / "manifest.json"),
+           "TRIMSERVE_API_KEYS_FILE": str(tmp / "keys"), "TRIMSERVE_MAX_LATENCY_MS": "60000",
+           "TRIMSERVE_TIMEOUT_S": "60", "TRIMSERVE_THREADS": "1"}
+    server = _start(env, tmp, "lifecycle")
+    try:
+        server.wait_ready(120)
+        yield server
+    finally:
+        server.stop()
+
+
+def _in_background(n: int, body: dict, url: str) -> tuple[list, list[threading.Thread]]:
+    """n requests started at once from threads; each result is a status code or an exception's name."""
+    results: list = [None] * n
+
+    def one(i: int) -> None:
+        try:
+            results[i] = httpx.post(f"{url}/classify", json=body, headers={"authorization": f"Bearer {KEY}"},
+                                    timeout=60).status_code
+        except httpx.HTTPError as err:
+            results[i] = type(err).__name__
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    return results, threads
+
+
+def _wait_in_flight(url: str, at_least: int, timeout_s: float = 30) -> float:
+    start = time.monotonic()
+    while (value := _metrics(url)["trimserve_in_flight_requests{}"]) < at_least:
+        assert time.monotonic() - start < timeout_s, f"only {value} requests in flight"
+        time.sleep(0.05)
+    return value
+
+
+def test_killed_worker_is_restarted_and_its_requests_fail_fast(disposable):
+    url, (worker,) = disposable.url, disposable.workers()
+    results, threads = _in_background(12, HEAVY, url)
+    _wait_in_flight(url, 6)
+    os.kill(worker, signal.SIGKILL)
+    start = time.monotonic()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a request hung after its worker died"
+    print(f"\nworker killed: {results} within {time.monotonic() - start:.1f} s")
+    assert any(isinstance(r, str) for r in results), "no request was in flight when the worker died"
+    assert set(results) <= {200, 503, "ReadError", "RemoteProtocolError", "WriteError", "ConnectError"}, results
+    disposable.wait_ready(120)
+    assert disposable.workers() and disposable.workers() != [worker]
+    assert _post(url, {"texts": [FRESH[0]]}).status_code == 200
+    metrics = _metrics(url)
+    assert metrics["trimserve_in_flight_requests{}"] == 0  # the dead worker's gauges were dropped
+    assert metrics["trimserve_ready{}"] == 1
+
+
+def test_sigterm_answers_every_admitted_request_then_exits(disposable):
+    url = disposable.url
+    results, threads = _in_background(16, HEAVY, url)
+    admitted = _wait_in_flight(url, 16)
+    disposable.terminate()  # SIGTERM to the arbiter only, as `docker stop` or the kubelet sends it
+    start = time.monotonic()
+    time.sleep(0.5)
+    try:  # a new connection after SIGTERM is refused, not served and not left hanging
+        late = httpx.post(f"{url}/classify", json={"texts": [FRESH[0]]}, headers={"authorization": f"Bearer {KEY}"},
+                          timeout=30).status_code
+    except httpx.HTTPError as err:
+        late = type(err).__name__
+    for t in threads:
+        t.join(60)
+    code = disposable.process.wait(30)
+    drained = time.monotonic() - start
+    print(f"\nSIGTERM with {admitted:.0f} requests in flight: {results}; late request: {late}; "
+          f"exit {code} after {drained:.1f} s")
+    assert results == [200] * 16
+    assert late != 200 and late in {503, "ConnectError", "ReadError", "RemoteProtocolError"}, late
+    assert code == 0 and drained < 30
 
 
 def test_logs_hold_no_key_and_no_text(server):
@@ -394,3 +579,4 @@ def test_logs_hold_no_key_and_no_text(server):
     assert "POST,path=/classify" in output  # the access log is there, so there was something to leak into
     assert "invalid request to /classify [POST] -> 400" in output
     assert KEY not in output and MARK not in output and "wrong-key" not in output
+    assert "Traceback" not in output

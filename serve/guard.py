@@ -1,0 +1,112 @@
+"""The request guard: what a /classify request must pass before BentoML parses it.
+
+One pure ASGI middleware, inside auth (so nobody unauthenticated gets this far):
+
+  size        a Content-Length over ``max_body_bytes`` gets 413 before a byte is read; a body
+              without one (chunked) is read up to the limit and gets 413 past it.  BentoML
+              itself has no limit: it would read and parse a body of any size.
+  type        a content type other than JSON gets 415 (BentoML would parse text/plain as JSON).
+  slow body   a body not complete within ``body_timeout_s`` gets 408, so a client that
+              trickles bytes cannot hold a slot.
+  admission   at most ``max_in_flight`` requests of this worker are being classified; one more
+              gets 503 with Retry-After at once, instead of queueing towards a timeout.  The
+              body is read before a slot is taken, so slots are only held for model work.
+
+Every refusal is a small JSON body ``{"error": ...}``; RequestMetrics outside counts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from serve import metrics
+
+JSON_TYPES = ("application/json",)
+
+
+class RequestGuard:
+    def __init__(self, app, max_body_bytes: int, max_in_flight: int, body_timeout_s: float = 10.0,
+                 path: str = metrics.CLASSIFY_PATH):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.max_in_flight = max_in_flight
+        self.body_timeout_s = body_timeout_s
+        self.path = path
+        self.in_flight = 0
+        metrics.IN_FLIGHT_LIMIT.set(max_in_flight)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])  # header names arrive lower-cased
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            if not length.isdigit():
+                return await reply(send, 400, "Content-Length is not a number")
+            return await reply(send, 413, f"request body of {int(length)} bytes is over the limit of "
+                                          f"{self.max_body_bytes} bytes")
+        if scope["path"] != self.path or scope["method"] != "POST":
+            return await self.app(scope, receive, send)  # health, metrics, docs; BentoML answers 405 for GET here
+        media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if media_type.decode("latin-1") not in JSON_TYPES:
+            return await reply(send, 415, "send the body as JSON with 'Content-Type: application/json'")
+        try:
+            body = await asyncio.wait_for(self._read_body(receive), self.body_timeout_s)
+        except asyncio.TimeoutError:
+            return await reply(send, 408, f"request body not complete within {self.body_timeout_s:g} s")
+        except ClientGone:
+            return None
+        if body is None:
+            return await reply(send, 413, f"request body is over the limit of {self.max_body_bytes} bytes")
+        if self.in_flight >= self.max_in_flight:
+            return await reply(send, 503, f"overloaded: {self.max_in_flight} requests in progress; retry shortly",
+                               [(b"retry-after", b"1")])
+        self.in_flight += 1
+        metrics.IN_FLIGHT.inc()
+        try:
+            return await self.app(scope, _replay(body, receive), send)
+        finally:
+            self.in_flight -= 1
+            metrics.IN_FLIGHT.dec()
+
+    async def _read_body(self, receive) -> bytes | None:
+        """The whole body, or None as soon as it passes the limit."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+class ClientGone(Exception):
+    """The client disconnected before sending its whole body: nobody to answer."""
+
+
+def _replay(body: bytes, receive):
+    """A receive() that hands the app the body already read, then waits on the real one (disconnect)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def reply(send, status: int, error: str, extra_headers: list[tuple[bytes, bytes]] = ()) -> None:
+    """A small JSON ``{"error": ...}`` response."""
+    body = json.dumps({"error": error}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra_headers]})
+    await send({"type": "http.response.body", "body": body})

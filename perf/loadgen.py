@@ -121,9 +121,9 @@ def check_loopback(url: str) -> None:
 
 def run(config: LoadConfig) -> dict:
     manifest = load_manifest(Path(config.variants))
-    entry = _pick_variant(manifest, config)
+    entry = pick_variant(manifest, config)
     directory = variant_dir(manifest, entry)
-    texts = _sentences(manifest, config.seed)
+    texts = scored_sentences(manifest, config.seed)
     threads = config.thread_count
     print(f"loadgen: {entry['name']}, {len(texts)} test sentences, {threads} ONNX Runtime threads")
     if config.url:
@@ -138,7 +138,7 @@ def run(config: LoadConfig) -> dict:
     return report
 
 
-def _pick_variant(manifest: dict, config: LoadConfig) -> dict:
+def pick_variant(manifest: dict, config: LoadConfig) -> dict:
     name = config.variant
     if name is None:
         selected = Path(config.selected)
@@ -153,7 +153,7 @@ def _pick_variant(manifest: dict, config: LoadConfig) -> dict:
     return entry
 
 
-def _sentences(manifest: dict, seed: int) -> list[str]:
+def scored_sentences(manifest: dict, seed: int) -> list[str]:
     """The test split the variants were scored on, in a seeded order (the same for every mode)."""
     texts = load_splits(spec_from_description(manifest["data"])).test["text"].tolist()
     return [texts[i] for i in np.random.default_rng(seed).permutation(len(texts))]
@@ -202,7 +202,7 @@ async def _measure(url: str, key: str | None, texts: list[str], config: LoadConf
     headers = {"authorization": f"Bearer {key}"} if key else {}
     limits = httpx.Limits(max_connections=config.connections, max_keepalive_connections=config.connections)
     async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=config.timeout_s) as client:
-        await _warm_up(client, texts, config.warmup_requests)
+        await warm_up(client, texts, config.warmup_requests)
         low_schedule = _low_schedule(config)
         low = await _at_rate(client, low_schedule, texts, config.low_rate, config.low_duration_s, cpu)
         print(f"[{label}] low load {_line(low)}")
@@ -215,7 +215,7 @@ async def _measure(url: str, key: str | None, texts: list[str], config: LoadConf
             "sustainable": best.to_dict(*bounds) if best else None, "model_calls": calls}
 
 
-async def _warm_up(client: httpx.AsyncClient, texts: list[str], n: int) -> None:
+async def warm_up(client: httpx.AsyncClient, texts: list[str], n: int) -> None:
     """Untimed bursts of 8: BentoML runs its first ~10 calls one by one while it calibrates."""
     for start in range(0, n, 8):
         burst = [texts[i % len(texts)] for i in range(start, min(n, start + 8))]

@@ -84,3 +84,32 @@ def test_tiny_real_run(tiny_variants, tmp_path):
     assert off["status"] == "ok" and off["model_calls"]["mean_batch"] == 1.0  # one text per model call
     summary = (tmp_path / "load.md").read_text()
     assert "| mode | offered req/s |" in summary and "| batching | 4.0 |" in summary
+
+
+@pytest.mark.slow
+def test_reliability_tiny_real_run(tiny_variants, tmp_path):
+    """Both phases of perf.reliability against a real server, a few seconds each."""
+    from perf.reliability import main as reliability
+
+    report = reliability(["--variants", str(tiny_variants), "--variant", "onnx-fp32", "--sustainable-rps", "6",
+                          "--overload-s", "1.5", "--soak-s", "3", "--window-s", "1", "--rss-every-s", "0.5",
+                          "--warmup-requests", "8", "--threads", "1", "--output", str(tmp_path)])
+    assert json.loads((tmp_path / "reliability.json").read_text()) == json.loads(json.dumps(report))
+    overload, soak = report["phases"]["overload"]["summary"], report["phases"]["soak"]["summary"]
+    assert overload["offered_rps"] == 12.0 and overload["sent"] > 0 and overload["hung"] == 0
+    assert 0 < overload["answered_share"] <= 1
+    assert soak["offered_rps"] == 4.2 and soak["sent"] > 0 and soak["rss_start_mb"] > 50
+    assert len(report["phases"]["soak"]["windows"]) == 3 and soak["p99_drift"] is not None
+    assert set(report["goals"]) == {"overload_hung", "soak_errors", "soak_rss_growth", "soak_p99_drift"}
+    assert "## Soak: 4.2 req/s (70 %) for 3 s" in (tmp_path / "reliability.md").read_text()
+
+
+def test_reliability_needs_a_sustainable_rate(tmp_path, tiny_variants):
+    from perf.reliability import main as reliability
+
+    with pytest.raises(UserError, match=r"missing.json does not exist; run python -m perf.loadgen first or pass "
+                                        r"--sustainable-rps"):
+        reliability(["--variants", str(tiny_variants), "--variant", "onnx-fp32",
+                     "--load-report", str(tmp_path / "missing.json")])
+    with pytest.raises(UserError, match=r"--server-env 'MAX=1' is not valid: expected TRIMSERVE_NAME=value"):
+        reliability(["--server-env", "MAX=1"])

@@ -1,0 +1,258 @@
+"""perf/reliability: the served classifier past its capacity, and for a long time below it.
+
+Reads top to bottom: take the sustainable rate (loadgen's report, or ``--sustainable-rps``),
+then against a fresh real ``bentoml serve`` of the selected variant for each phase
+
+  overload   ``--overload-factor`` (2x) the sustainable rate for ``--overload-s``: the share
+             answered 200, the p99 of those, how the rest were refused (503 at once?), and
+             requests that got no answer within ``--hang-s`` (hung: must be 0)
+  soak       ``--soak-share`` (70 %) of the sustainable rate for ``--soak-s`` (10 min): errors
+             (must be 0), the server's resident memory from start to end (growth < 10 %),
+             p99 per window, first window to last (drift < 20 %)
+
+Open-loop Poisson arrivals, one test sentence per request, latency from the scheduled send
+time (perf.loadgen's machinery).  The server's RSS (arbiter + workers) is sampled every
+``--rss-every-s``.  Writes reliability.json and reliability.md.
+
+    python -m perf.reliability                    # both phases, ~11.5 min
+    python -m perf.reliability --phases overload --overload-s 20
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+
+from export import machine
+from export.manifest import load_manifest, variant_dir
+from perf import loadgen
+from train.cliargs import ConfigParser, add_config_args, config_from_args
+from train.errors import UserError, run_cli
+
+PHASES = ("overload", "soak")
+GOALS = {"soak_errors": 0, "soak_rss_growth": 0.10, "soak_p99_drift": 0.20, "overload_hung": 0}
+
+
+@dataclass(frozen=True)
+class ReliabilityConfig:
+    variants: str = field(default="artifacts/variants", metadata={"help": "variants directory (with manifest.json)"})
+    variant: str | None = field(default=None, metadata={"help": "variant to serve (default: the selected one)"})
+    selected: str = field(default="artifacts/selected.json", metadata={"help": "selection file written by perf/"})
+    load_report: str = field(default="artifacts/perf/load.json", metadata={
+        "help": "loadgen report to take the sustainable rate from (its batching mode)"})
+    sustainable_rps: float | None = field(default=None, metadata={
+        "help": "one replica's sustainable rate, requests/s (default: from --load-report)"})
+    phases: tuple[str, ...] = field(default=PHASES, metadata={"help": "what to run"})
+    overload_factor: float = field(default=2.0, metadata={"help": "overload: offered rate / sustainable rate"})
+    overload_s: float = field(default=30.0, metadata={"help": "overload: seconds of arrivals"})
+    hang_s: float = field(default=30.0, metadata={"help": "a request with no answer after this long is hung"})
+    soak_share: float = field(default=0.7, metadata={"help": "soak: offered rate / sustainable rate"})
+    soak_s: float = field(default=600.0, metadata={"help": "soak: seconds of arrivals"})
+    window_s: float = field(default=60.0, metadata={"help": "soak: p99 and RSS per window of this many seconds"})
+    rss_every_s: float = field(default=5.0, metadata={"help": "seconds between samples of the server's RSS"})
+    timeout_s: float = field(default=5.0, metadata={"help": "soak: a slower request counts as an error"})
+    warmup_requests: int = field(default=48, metadata={"help": "untimed requests after start, 8 at a time"})
+    threads: int = field(default=0, metadata={"help": "ONNX Runtime threads in the server (0: all cores)"})
+    server_env: tuple[str, ...] = field(default=(), metadata={
+        "help": "extra TRIMSERVE_*=value settings for the server, e.g. TRIMSERVE_MAX_CONCURRENCY=16"})
+    seed: int = field(default=0, metadata={"help": "arrival times and sentence order"})
+    working_dir: str = field(default=str(loadgen.REPO), metadata={"help": "checkout whose serve/ is started"})
+    output: str = field(default="artifacts/perf", metadata={"help": "report directory"})
+
+    def __post_init__(self) -> None:
+        if not self.phases or set(self.phases) - set(PHASES):
+            raise UserError(f"--phases {' '.join(self.phases)} is not valid: expected some of {', '.join(PHASES)}")
+        if min(self.overload_factor, self.overload_s, self.hang_s, self.soak_share, self.soak_s, self.window_s,
+               self.rss_every_s, self.timeout_s) <= 0 or (self.sustainable_rps is not None and self.sustainable_rps <= 0):
+            raise UserError("rates, shares, factors and durations must be > 0")
+        bad = [s for s in self.server_env if "=" not in s or not s.startswith("TRIMSERVE_")]
+        if bad:
+            raise UserError(f"--server-env {bad[0]!r} is not valid: expected TRIMSERVE_NAME=value")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = ConfigParser(prog="python -m perf.reliability", description=__doc__.split("\n\n")[0])
+    add_config_args(parser, ReliabilityConfig)
+    return run(config_from_args(ReliabilityConfig, parser.parse_args(argv)))
+
+
+def run(config: ReliabilityConfig) -> dict:
+    manifest = load_manifest(Path(config.variants))
+    entry = loadgen.pick_variant(manifest, config)
+    directory = variant_dir(manifest, entry)
+    texts = loadgen.scored_sentences(manifest, config.seed)
+    sustainable = config.sustainable_rps or _sustainable_from(Path(config.load_report))
+    threads = config.threads or len(psutil.Process().cpu_affinity())
+    env = {"TRIMSERVE_VARIANT_DIR": str(directory.resolve()),
+           "TRIMSERVE_MANIFEST": str(Path(manifest["_root"]).resolve() / "manifest.json"),
+           "TRIMSERVE_THREADS": str(threads), **dict(s.split("=", 1) for s in config.server_env)}
+    print(f"reliability: {entry['name']}, sustainable {sustainable:g} req/s, {threads} ONNX Runtime threads")
+    phases = {}
+    for phase in config.phases:
+        rate = sustainable * (config.overload_factor if phase == "overload" else config.soak_share)
+        duration = config.overload_s if phase == "overload" else config.soak_s
+        timeout = config.hang_s if phase == "overload" else config.timeout_s
+        with loadgen.served(env, config.working_dir) as (url, key, pid):
+            raw = asyncio.run(_phase(url, key, pid, texts, rate, duration, timeout, config))
+        phases[phase] = (_overload if phase == "overload" else _soak)(raw, rate, duration, config)
+        print(f"[{phase}] {json.dumps(phases[phase]['summary'])}")
+    report = {"kind": "trimserve.reliability", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "machine": machine.describe(), "variant": entry["name"], "sustainable_rps": sustainable,
+              "server_env": env, "config": asdict(config), "phases": phases, "goals": _goals(phases)}
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reliability.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "reliability.md").write_text(markdown(report))
+    print(markdown(report))
+    return report
+
+
+def _sustainable_from(path: Path) -> float:
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; run python -m perf.loadgen first or pass --sustainable-rps")
+    best = (json.loads(path.read_text()).get("modes", {}).get("batching") or {}).get("sustainable")
+    if not best:
+        raise UserError(f"{path} holds no sustainable rate for the batching mode; pass --sustainable-rps")
+    return float(best["offered_rps"])
+
+
+# --- one phase against one server -----------------------------------------------------------------
+
+async def _phase(url: str, key: str, pid: int, texts: list[str], rate: float, duration_s: float, timeout_s: float,
+                 config: ReliabilityConfig) -> dict:
+    """Warm up, then the Poisson stream while a task samples the server's RSS."""
+    limits = httpx.Limits(max_connections=2048, max_keepalive_connections=2048)
+    async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {key}"}, limits=limits,
+                                 timeout=timeout_s) as client:
+        await loadgen.warm_up(client, texts, config.warmup_requests)
+        schedule = loadgen.poisson_schedule(rate, duration_s, 10 ** 7, config.seed)
+        rss: list[tuple[float, int]] = []
+        sampler = asyncio.create_task(_sample_rss(pid, config.rss_every_s, rss))
+        samples = await loadgen.fire(client, schedule, texts)
+        sampler.cancel()
+        rss.append((time.monotonic(), _tree_rss(pid)))
+    start = rss[0][0] if rss else time.monotonic()
+    return {"schedule": schedule, "samples": samples, "rss": [(round(t - start, 1), b) for t, b in rss]}
+
+
+async def _sample_rss(pid: int, every_s: float, out: list) -> None:
+    while True:
+        out.append((time.monotonic(), _tree_rss(pid)))
+        await asyncio.sleep(every_s)
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident bytes of the server: the arbiter and every worker."""
+    root = psutil.Process(pid)
+    total = 0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            total += process.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+# --- summaries ----------------------------------------------------------------------------------------
+
+def _overload(raw: dict, rate: float, duration_s: float, config: ReliabilityConfig) -> dict:
+    samples = raw["samples"]
+    result = loadgen.summarize(samples, raw["schedule"], rate, duration_s)
+    refused = [s.latency_s for s in samples if s.status in (429, 503)]
+    hung = sum(1 for s in samples if s.status == "timeout")
+    summary = {"offered_rps": round(rate, 1), "sent": result.sent, "answered_share": round(result.ok / result.sent, 4),
+               "ok_rps": result.throughput_rps, "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
+               "refused": result.non_200, "refused_p99_ms": _p99(refused), "connection_errors": result.errors - hung,
+               "hung": hung}
+    return {"summary": summary, "rss_bytes": raw["rss"]}
+
+
+def _soak(raw: dict, rate: float, duration_s: float, config: ReliabilityConfig) -> dict:
+    samples, schedule = raw["samples"], raw["schedule"]
+    result = loadgen.summarize(samples, schedule, rate, duration_s)
+    windows = []
+    for w in range(int(np.ceil(duration_s / config.window_s))):
+        inside = [s for at, s in zip(schedule, samples) if w * config.window_s <= at < (w + 1) * config.window_s]
+        ok = [s.latency_s for s in inside if s.status == 200]
+        rss = [b for t, b in raw["rss"] if w * config.window_s <= t < (w + 1) * config.window_s]
+        windows.append({"start_s": w * config.window_s, "sent": len(inside), "errors": len(inside) - len(ok),
+                        "p50_ms": _pct(ok, 50), "p99_ms": _pct(ok, 99), "rss_mb": round(max(rss) / 2 ** 20, 1) if rss else None})
+    full = [w for w in windows if w["p99_ms"] is not None]
+    rss_start, rss_end = raw["rss"][0][1], raw["rss"][-1][1]
+    summary = {"offered_rps": round(rate, 1), "duration_s": duration_s, "sent": result.sent,
+               "errors": result.sent - result.ok, "error_codes": result.non_200, "p50_ms": result.p50_ms,
+               "p99_ms": result.p99_ms, "rss_start_mb": round(rss_start / 2 ** 20, 1),
+               "rss_end_mb": round(rss_end / 2 ** 20, 1), "rss_growth": round(rss_end / rss_start - 1, 4),
+               "p99_first_window_ms": full[0]["p99_ms"] if full else None,
+               "p99_last_window_ms": full[-1]["p99_ms"] if full else None,
+               "p99_drift": round(full[-1]["p99_ms"] / full[0]["p99_ms"] - 1, 4) if len(full) > 1 else None}
+    return {"summary": summary, "windows": windows, "rss_bytes": raw["rss"]}
+
+
+def _pct(latencies_s: list[float], q: float) -> float | None:
+    if not latencies_s:
+        return None
+    return round(float(np.percentile(np.array(latencies_s) * 1e3, q, method="inverted_cdf")), 2)
+
+
+def _p99(latencies_s: list[float]) -> float | None:
+    return _pct(latencies_s, 99)
+
+
+def _goals(phases: dict) -> dict:
+    goals = {}
+    if "overload" in phases:
+        hung = phases["overload"]["summary"]["hung"]
+        goals["overload_hung"] = {"value": hung, "goal": "0", "met": hung == GOALS["overload_hung"]}
+    if "soak" in phases:
+        s = phases["soak"]["summary"]
+        goals["soak_errors"] = {"value": s["errors"], "goal": "0", "met": s["errors"] == GOALS["soak_errors"]}
+        goals["soak_rss_growth"] = {"value": s["rss_growth"], "goal": "< 10 %",
+                                    "met": s["rss_growth"] < GOALS["soak_rss_growth"]}
+        drift = s["p99_drift"]
+        goals["soak_p99_drift"] = {"value": drift, "goal": "< 20 %",
+                                   "met": None if drift is None else drift < GOALS["soak_p99_drift"]}
+    return goals
+
+
+def markdown(report: dict) -> str:
+    host, lines = report["machine"], [f"# Reliability: {report['variant']} served by BentoML", ""]
+    lines.append(f"{host['cpu']}, {host['cores']} cores; client on the same machine; one replica's sustainable rate "
+                 f"{report['sustainable_rps']:g} req/s (p99 <= 100 ms, from loadgen). Open-loop Poisson arrivals, one "
+                 "sentence per request, latency from the scheduled send time.")
+    if "overload" in report["phases"]:
+        s = report["phases"]["overload"]["summary"]
+        lines += ["", f"## Overload: {s['offered_rps']} req/s ({report['config']['overload_factor']:g}x) for "
+                      f"{report['config']['overload_s']:g} s", "",
+                  f"- sent {s['sent']}, answered 200: {100 * s['answered_share']:.1f} % ({s['ok_rps']} req/s); "
+                  f"p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms of the answered",
+                  f"- refused: {s['refused'] or 'none'} (p99 time to the refusal {s['refused_p99_ms']} ms); "
+                  f"connection errors {s['connection_errors']}; hung (no answer in {report['config']['hang_s']:g} s): "
+                  f"{s['hung']}"]
+    if "soak" in report["phases"]:
+        s = report["phases"]["soak"]["summary"]
+        drift = "-" if s["p99_drift"] is None else f"{100 * s['p99_drift']:+.1f} %"
+        lines += ["", f"## Soak: {s['offered_rps']} req/s ({100 * report['config']['soak_share']:g} %) for "
+                      f"{s['duration_s']:g} s", "",
+                  f"- sent {s['sent']}, errors {s['errors']} {s['error_codes'] or ''}; p50 {s['p50_ms']} ms, "
+                  f"p99 {s['p99_ms']} ms",
+                  f"- server RSS {s['rss_start_mb']} MB -> {s['rss_end_mb']} MB ({100 * s['rss_growth']:+.1f} %); "
+                  f"p99 first window {s['p99_first_window_ms']} ms -> last {s['p99_last_window_ms']} ms ({drift})",
+                  "", "| window start s | sent | errors | p50 ms | p99 ms | max RSS MB |", "|---|---|---|---|---|---|"]
+        lines += [f"| {w['start_s']:g} | {w['sent']} | {w['errors']} | {w['p50_ms']} | {w['p99_ms']} | {w['rss_mb']} |"
+                  for w in report["phases"]["soak"]["windows"]]
+    lines += ["", "Goals:"] + [f"- {name}: {g['value']} (goal {g['goal']}): "
+                               f"{'not measured' if g['met'] is None else 'met' if g['met'] else 'NOT met'}"
+                               for name, g in report["goals"].items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -60,6 +60,8 @@ class ServeConfig:
         "help": "larger request bodies get 413 before they are read (64 texts of 10,000 characters: 0.6 MB in "
                 "ASCII, 2.6 MB in 4-byte UTF-8)"})
     timeout_s: float = field(default=10.0, metadata={"help": "a request still running after this gets 504"})
+    body_timeout_s: float = field(default=5.0, metadata={
+        "help": "a request body not complete after this gets 408 (below timeout_s, whose 504 would come first)"})
     workers: int = field(default=1, metadata={"help": "worker processes, each with its own model copy"})
     api_keys: tuple[str, ...] = field(default=(), repr=False, metadata={
         "help": "comma-separated bearer keys or sha256:<hex> digests (prefer api_keys_file: env vars show up in "
@@ -86,6 +88,9 @@ class ServeConfig:
             raise UserError(f"{env_name('rate_limit_rps')}={self.rate_limit_rps!r} is not valid: expected requests/s >= 0")
         if self.timeout_s <= 0:
             raise UserError(f"{env_name('timeout_s')}={self.timeout_s!r} is not valid: expected seconds > 0")
+        if not 0 < self.body_timeout_s < self.timeout_s:
+            raise UserError(f"{env_name('body_timeout_s')}={self.body_timeout_s!r} is not valid: expected seconds > 0 "
+                            f"and below {env_name('timeout_s')}={self.timeout_s!r}")
         if not (self.api_keys or self.allow_no_auth):
             raise UserError(f"no API keys: set {env_name('api_keys_file')} (one key per line) or {env_name('api_keys')}, "
                             f"or {env_name('allow_no_auth')}=1 to serve without auth behind an authenticating gateway")

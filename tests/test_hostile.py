@@ -40,7 +40,8 @@ MARK = "wombatmarker"  # in every text sent by hand
 MAX_TEXTS, MAX_CHARS = 8, 2000
 TIMEOUT_S = 10  # TRIMSERVE_TIMEOUT_S' default: BentoML answers a request still running after it
 FUZZ_EXAMPLES = 100  # per operation and generation mode: ~200 requests, a few seconds
-RSS_GROWTH_MB = 300  # generous: parsing a 10 MB body into Python objects takes ~100 MB for a moment
+BODY_LIMIT = 4 * 1024 * 1024  # TRIMSERVE_MAX_BODY_BYTES, set to its default so the test does not move with it
+RSS_GROWTH_MB = 300  # generous: the allocator keeps what the largest bodies needed, and ONNX Runtime its arenas
 CLIENT_ERROR = frozenset(range(400, 500))
 # Answered by trimserve's middlewares, each with a JSON {"error": ...} (serve/service.py's docstring)
 TRIMSERVE_REFUSALS = frozenset({401, 408, 413, 415, 429, 503})
@@ -66,6 +67,7 @@ def server(tiny_variants, tmp_path_factory):
     env = {"TRIMSERVE_VARIANT_DIR": str(variant_dir(manifest, entry)),
            "TRIMSERVE_MANIFEST": str(tiny_variants / "manifest.json"), "TRIMSERVE_API_KEYS_FILE": str(tmp / "keys"),
            "TRIMSERVE_MAX_TEXTS_PER_REQUEST": str(MAX_TEXTS), "TRIMSERVE_MAX_TEXT_CHARS": str(MAX_CHARS),
+           "TRIMSERVE_MAX_BODY_BYTES": str(BODY_LIMIT),
            # generous: on a shared 2-core machine a missed batching deadline is a 503, not a wait
            "TRIMSERVE_MAX_LATENCY_MS": "10000"}
     with ServerProcess(env, log=tmp / "server.log") as process:

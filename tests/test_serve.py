@@ -59,6 +59,8 @@ OPEN = {"TRIMSERVE_ALLOW_NO_AUTH": "1"}
     ({**OPEN, "TRIMSERVE_MAX_BATCH_SIZE": "lots"}, r"^TRIMSERVE_MAX_BATCH_SIZE='lots' is not valid: expected an integer$"),
     ({**OPEN, "TRIMSERVE_MAX_BATCH_SIZE": "1"}, r"TRIMSERVE_MAX_BATCH_SIZE=1 is not valid: expected an integer >= 2"),
     ({**OPEN, "TRIMSERVE_TIMEOUT_S": "0"}, r"TRIMSERVE_TIMEOUT_S=0.0 is not valid: expected seconds > 0"),
+    ({**OPEN, "TRIMSERVE_BODY_TIMEOUT_S": "10"}, r"TRIMSERVE_BODY_TIMEOUT_S=10.0 is not valid: expected seconds > 0 and "
+                                                  r"below TRIMSERVE_TIMEOUT_S=10.0"),
     ({**OPEN, "TRIMSERVE_DEVICE": "tpu"}, r"TRIMSERVE_DEVICE='tpu' is not valid: expected one of auto, cpu, cuda"),
     ({**OPEN, "TRIMSERVE_PROTECT_METRICS": "maybe"}, r"TRIMSERVE_PROTECT_METRICS='maybe' is not valid: expected 1/true/yes"),
     ({**OPEN, "TRIMSERVE_MAX_BATCH": "8"}, r"unknown variable TRIMSERVE_MAX_BATCH; trimserve reads TRIMSERVE_SELECTED, "),

@@ -81,6 +81,10 @@ class LoadConfig:
     connections: int = field(default=512, metadata={
         "help": "client connections; above the server's max concurrency so its 429s, not the client, limit"})
     seed: int = field(default=0, metadata={"help": "arrival times and sentence order"})
+    server_cpus: tuple[int, ...] = field(default=(), metadata={
+        "help": "pin the server to these cores (and time the raw session there); default: all"})
+    client_cpus: tuple[int, ...] = field(default=(), metadata={
+        "help": "pin this load generator to these cores; default: all (then it competes with the server)"})
     working_dir: str = field(default=str(REPO), metadata={"help": "checkout whose serve/ is started"})
     output: str = field(default="artifacts/perf", metadata={"help": "report directory (load.json, load.md)"})
 
@@ -98,8 +102,8 @@ class LoadConfig:
 
     @property
     def thread_count(self) -> int:
-        # The service's own default with one worker: the cores this process may run on.
-        return self.threads or len(os.sched_getaffinity(0))
+        # The service's own default with one worker: the cores it may run on.
+        return self.threads or len(self.server_cpus or os.sched_getaffinity(0))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -125,12 +129,15 @@ def run(config: LoadConfig) -> dict:
     directory = variant_dir(manifest, entry)
     texts = scored_sentences(manifest, config.seed)
     threads = config.thread_count
+    pin(config.client_cpus)
     print(f"loadgen: {entry['name']}, {len(texts)} test sentences, {threads} ONNX Runtime threads")
     if config.url:
         modes = {"target": measure(config.url, _read_key(config.api_key_file), texts, config)}
     else:
         modes = {mode: _serve_and_measure(mode, directory, manifest, texts, config) for mode in config.modes}
-    # The sentences of the low-load probe, now that no server competes for the cores.
+    # The sentences of the low-load probe, now that no server competes for the cores; on the
+    # server's cores, where it would have run.
+    pin(config.server_cpus)
     raw = raw_latency(directory, threads, manifest["max_length"], texts[:max(10, len(_low_schedule(config)))])
     raw["server_running"] = bool(config.url)  # an idle --url server still holds memory and wakes up now and then
     report = _report(config, entry, directory, threads, modes, raw)
@@ -174,20 +181,31 @@ def _serve_and_measure(mode: str, directory: Path, manifest: dict, texts: list[s
            "TRIMSERVE_MANIFEST": str(Path(manifest["_root"]).resolve() / "manifest.json"),
            "TRIMSERVE_THREADS": str(config.thread_count), **MODES[mode]}
     print(f"[{mode}] starting bentoml serve ({' '.join(f'{k}={v}' for k, v in MODES[mode].items()) or 'defaults'})")
-    with served(env, config.working_dir) as (url, key, pid):
+    with served(env, config.working_dir, config.server_cpus) as (url, key, pid):
         return {"server_env": env, **measure(url, key, texts, config, label=mode, server_pid=pid)}
 
 
 @contextlib.contextmanager
-def served(env: dict, working_dir: str, ready_timeout_s: float = 180) -> Iterator[tuple[str, str, int]]:
+def served(env: dict, working_dir: str, cpus: tuple[int, ...] = (),
+           ready_timeout_s: float = 180) -> Iterator[tuple[str, str, int]]:
     """``bentoml serve`` on a free loopback port with a fresh key; yields (url, key, pid)."""
     with tempfile.TemporaryDirectory(prefix="loadgen-") as tmp:
         key = secrets.token_urlsafe(24)
         (Path(tmp) / "keys").write_text(key + "\n")
         with ServerProcess({**env, "TRIMSERVE_API_KEYS_FILE": f"{tmp}/keys"}, Path(tmp) / "server.log",
-                           working_dir, home=f"{tmp}/home") as server:
+                           working_dir, home=f"{tmp}/home", cpus=cpus) as server:
             print(f"  ready in {server.wait_ready(ready_timeout_s):.1f} s")
             yield server.url, key, server.pid
+
+
+def pin(cpus: tuple[int, ...]) -> None:
+    """Run this process on ``cpus`` (nothing when empty)."""
+    if cpus:
+        try:
+            os.sched_setaffinity(0, cpus)
+        except OSError as err:
+            raise UserError(f"cannot pin to cores {list(cpus)}: {err.strerror}; this machine has cores "
+                            f"{sorted(os.sched_getaffinity(0))}") from None
 
 
 # --- measuring a running server -----------------------------------------------------------------
@@ -412,6 +430,7 @@ def raw_latency(directory: Path, threads: int, max_length: int, texts: list[str]
 def _report(config: LoadConfig, entry: dict, directory: Path, threads: int, modes: dict, raw: dict) -> dict:
     return {"kind": "trimserve.load", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine": machine.describe(), "threads": {"server_ort": threads, "raw_ort": threads, "workers": 1},
+            "cpus": {"server": list(config.server_cpus) or "all", "client": list(config.client_cpus) or "all"},
             "variant": {"name": entry["name"], "path": str(directory),
                         "sha256": entry["files"]["model.onnx"]["sha256"]},
             "client": {"library": f"httpx {httpx.__version__}, asyncio", "host": "same machine as the server",
@@ -458,7 +477,7 @@ def markdown(report: dict) -> str:
     config, host = report["config"], report["machine"]
     lines = [f"# Load test: {report['variant']['name']} served by BentoML (open loop, Poisson arrivals)", "",
              f"{host['cpu']}, {host['cores']} cores, {report['threads']['server_ort']} ONNX Runtime threads, "
-             f"1 worker; client on the same machine. {config['duration_s']:g} s per rate, one sentence per request; "
+             f"1 worker; {placement(report['cpus'])}. {config['duration_s']:g} s per rate, one sentence per request; "
              f"a rate holds when p99 <= {config['p99_bound_ms']:g} ms and <= {100 * config['max_error_share']:g} % "
              "fail. Latency runs from each request's scheduled send time.", "",
              "| mode | offered req/s | sent | ok/s | p50 ms | p90 ms | p99 ms | failed | holds "
@@ -468,6 +487,12 @@ def markdown(report: dict) -> str:
         lines += _mode_rows(mode, result)
     lines += ["", *_goal_lines(report)]
     return "\n".join(lines) + "\n"
+
+
+def placement(cpus: dict) -> str:
+    if cpus["server"] == "all" and cpus["client"] == "all":
+        return "client on the same machine, sharing its cores"
+    return f"server pinned to cores {cpus['server']}, client to cores {cpus['client']}"
 
 
 def _mode_rows(mode: str, result: dict) -> list[str]:

@@ -58,11 +58,16 @@ class ReliabilityConfig:
     window_s: float = field(default=60.0, metadata={"help": "soak: p99 and RSS per window of this many seconds"})
     rss_every_s: float = field(default=5.0, metadata={"help": "seconds between samples of the server's RSS"})
     timeout_s: float = field(default=5.0, metadata={"help": "soak: a slower request counts as an error"})
+    connections: int = field(default=256, metadata={
+        "help": "client connections: above the server's admission limit, so the server's 503s are what limits; "
+                "thousands of them cost the client (on the same cores) more CPU than the server"})
     warmup_requests: int = field(default=48, metadata={"help": "untimed requests after start, 8 at a time"})
     threads: int = field(default=0, metadata={"help": "ONNX Runtime threads in the server (0: all cores)"})
     server_env: tuple[str, ...] = field(default=(), metadata={
         "help": "extra TRIMSERVE_*=value settings for the server, e.g. TRIMSERVE_MAX_CONCURRENCY=16"})
     seed: int = field(default=0, metadata={"help": "arrival times and sentence order"})
+    server_cpus: tuple[int, ...] = field(default=(), metadata={"help": "pin the server to these cores"})
+    client_cpus: tuple[int, ...] = field(default=(), metadata={"help": "pin this load generator to these cores"})
     working_dir: str = field(default=str(loadgen.REPO), metadata={"help": "checkout whose serve/ is started"})
     output: str = field(default="artifacts/perf", metadata={"help": "report directory"})
 
@@ -89,7 +94,8 @@ def run(config: ReliabilityConfig) -> dict:
     directory = variant_dir(manifest, entry)
     texts = loadgen.scored_sentences(manifest, config.seed)
     sustainable = config.sustainable_rps or _sustainable_from(Path(config.load_report))
-    threads = config.threads or len(psutil.Process().cpu_affinity())
+    threads = config.threads or len(config.server_cpus or psutil.Process().cpu_affinity())
+    loadgen.pin(config.client_cpus)
     env = {"TRIMSERVE_VARIANT_DIR": str(directory.resolve()),
            "TRIMSERVE_MANIFEST": str(Path(manifest["_root"]).resolve() / "manifest.json"),
            "TRIMSERVE_THREADS": str(threads), **dict(s.split("=", 1) for s in config.server_env)}
@@ -99,13 +105,14 @@ def run(config: ReliabilityConfig) -> dict:
         rate = sustainable * (config.overload_factor if phase == "overload" else config.soak_share)
         duration = config.overload_s if phase == "overload" else config.soak_s
         timeout = config.hang_s if phase == "overload" else config.timeout_s
-        with loadgen.served(env, config.working_dir) as (url, key, pid):
+        with loadgen.served(env, config.working_dir, config.server_cpus) as (url, key, pid):
             raw = asyncio.run(_phase(url, key, pid, texts, rate, duration, timeout, config))
         phases[phase] = (_overload if phase == "overload" else _soak)(raw, rate, duration, config)
         print(f"[{phase}] {json.dumps(phases[phase]['summary'])}")
     report = {"kind": "trimserve.reliability", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "machine": machine.describe(), "variant": entry["name"], "sustainable_rps": sustainable,
-              "server_env": env, "config": asdict(config), "phases": phases, "goals": _goals(phases)}
+              "server_env": env, "cpus": {"server": list(config.server_cpus) or "all",
+                                          "client": list(config.client_cpus) or "all"}, "config": asdict(config), "phases": phases, "goals": _goals(phases)}
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "reliability.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -128,18 +135,47 @@ def _sustainable_from(path: Path) -> float:
 async def _phase(url: str, key: str, pid: int, texts: list[str], rate: float, duration_s: float, timeout_s: float,
                  config: ReliabilityConfig) -> dict:
     """Warm up, then the Poisson stream while a task samples the server's RSS."""
-    limits = httpx.Limits(max_connections=2048, max_keepalive_connections=2048)
+    limits = httpx.Limits(max_connections=config.connections, max_keepalive_connections=config.connections)
     async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {key}"}, limits=limits,
                                  timeout=timeout_s) as client:
         await loadgen.warm_up(client, texts, config.warmup_requests)
         schedule = loadgen.poisson_schedule(rate, duration_s, 10 ** 7, config.seed)
         rss: list[tuple[float, int]] = []
+        before = await _server_view(client)
         sampler = asyncio.create_task(_sample_rss(pid, config.rss_every_s, rss))
         samples = await loadgen.fire(client, schedule, texts)
         sampler.cancel()
         rss.append((time.monotonic(), _tree_rss(pid)))
+        server = _server_delta(before, await _server_view(client))
     start = rss[0][0] if rss else time.monotonic()
-    return {"schedule": schedule, "samples": samples, "rss": [(round(t - start, 1), b) for t, b in rss]}
+    return {"schedule": schedule, "samples": samples, "rss": [(round(t - start, 1), b) for t, b in rss],
+            "server": server}
+
+
+async def _server_view(client: httpx.AsyncClient) -> dict:
+    """The service's own counts: /classify answers by code and its request-time histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    codes, buckets = {}, {}
+    for family in text_string_to_metric_families((await client.get("/metrics")).text):
+        for s in family.samples:
+            if s.name == "trimserve_requests_total":
+                codes[s.labels["code"]] = s.value
+            elif s.name == "trimserve_request_seconds_bucket":
+                buckets[float(s.labels["le"])] = s.value
+    return {"codes": codes, "buckets": buckets}
+
+
+def _server_delta(before: dict, after: dict) -> dict:
+    """What the server saw during the phase, and the p50/p99 of its request time (bucket upper bounds)."""
+    codes = {c: int(n - before["codes"].get(c, 0)) for c, n in after["codes"].items() if n > before["codes"].get(c, 0)}
+    counts = sorted((le, n - before["buckets"].get(le, 0)) for le, n in after["buckets"].items())
+    total = counts[-1][1] if counts else 0
+
+    def quantile(q: float) -> float | None:
+        return next((1e3 * le for le, n in counts if total and n >= q * total), None)
+
+    return {"codes": codes, "p50_ms_at_most": quantile(0.5), "p99_ms_at_most": quantile(0.99)}
 
 
 async def _sample_rss(pid: int, every_s: float, out: list) -> None:
@@ -170,7 +206,7 @@ def _overload(raw: dict, rate: float, duration_s: float, config: ReliabilityConf
     summary = {"offered_rps": round(rate, 1), "sent": result.sent, "answered_share": round(result.ok / result.sent, 4),
                "ok_rps": result.throughput_rps, "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
                "refused": result.non_200, "refused_p99_ms": _p99(refused), "connection_errors": result.errors - hung,
-               "hung": hung}
+               "hung": hung, "server_saw": raw["server"]}
     return {"summary": summary, "rss_bytes": raw["rss"]}
 
 
@@ -191,9 +227,22 @@ def _soak(raw: dict, rate: float, duration_s: float, config: ReliabilityConfig) 
                "p99_ms": result.p99_ms, "rss_start_mb": round(rss_start / 2 ** 20, 1),
                "rss_end_mb": round(rss_end / 2 ** 20, 1), "rss_growth": round(rss_end / rss_start - 1, 4),
                "p99_first_window_ms": full[0]["p99_ms"] if full else None,
-               "p99_last_window_ms": full[-1]["p99_ms"] if full else None,
-               "p99_drift": round(full[-1]["p99_ms"] / full[0]["p99_ms"] - 1, 4) if len(full) > 1 else None}
+               "p99_last_window_ms": full[-1]["p99_ms"] if full else None, **p99_drift(windows),
+               "server_saw": raw["server"]}
     return {"summary": summary, "windows": windows, "rss_bytes": raw["rss"]}
+
+
+def p99_drift(windows: list[dict]) -> dict:
+    """Median per-window p99 of the second half against the first half of the soak.
+
+    Medians, so that one odd minute (seen here: the first, at ~0.35-0.6 s) moves neither side.
+    """
+    p99s = [w["p99_ms"] for w in windows if w["p99_ms"] is not None]
+    if len(p99s) < 2:
+        return {"p99_first_half_ms": None, "p99_second_half_ms": None, "p99_drift": None}
+    first, second = float(np.median(p99s[: len(p99s) // 2])), float(np.median(p99s[len(p99s) // 2:]))
+    return {"p99_first_half_ms": round(first, 2), "p99_second_half_ms": round(second, 2),
+            "p99_drift": round(second / first - 1, 4)}
 
 
 def _pct(latencies_s: list[float], q: float) -> float | None:
@@ -224,7 +273,7 @@ def _goals(phases: dict) -> dict:
 
 def markdown(report: dict) -> str:
     host, lines = report["machine"], [f"# Reliability: {report['variant']} served by BentoML", ""]
-    lines.append(f"{host['cpu']}, {host['cores']} cores; client on the same machine; one replica's sustainable rate "
+    lines.append(f"{host['cpu']}, {host['cores']} cores; {loadgen.placement(report['cpus'])}; sustainable rate "
                  f"{report['sustainable_rps']:g} req/s (p99 <= 100 ms, from loadgen). Open-loop Poisson arrivals, one "
                  "sentence per request, latency from the scheduled send time.")
     if "overload" in report["phases"]:
@@ -235,7 +284,10 @@ def markdown(report: dict) -> str:
                   f"p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms of the answered",
                   f"- refused: {s['refused'] or 'none'} (p99 time to the refusal {s['refused_p99_ms']} ms); "
                   f"connection errors {s['connection_errors']}; hung (no answer in {report['config']['hang_s']:g} s): "
-                  f"{s['hung']}"]
+                  f"{s['hung']}",
+                  f"- the server's own view (trimserve_requests_total, trimserve_request_seconds): {s['server_saw']['codes']}, "
+                  f"p50 <= {s['server_saw']['p50_ms_at_most']} ms, p99 <= {s['server_saw']['p99_ms_at_most']} ms "
+                  "(bucket bounds; time from its middleware to the answer, so without the kernel's accept queue)"]
     if "soak" in report["phases"]:
         s = report["phases"]["soak"]["summary"]
         drift = "-" if s["p99_drift"] is None else f"{100 * s['p99_drift']:+.1f} %"
@@ -243,8 +295,10 @@ def markdown(report: dict) -> str:
                       f"{s['duration_s']:g} s", "",
                   f"- sent {s['sent']}, errors {s['errors']} {s['error_codes'] or ''}; p50 {s['p50_ms']} ms, "
                   f"p99 {s['p99_ms']} ms",
-                  f"- server RSS {s['rss_start_mb']} MB -> {s['rss_end_mb']} MB ({100 * s['rss_growth']:+.1f} %); "
-                  f"p99 first window {s['p99_first_window_ms']} ms -> last {s['p99_last_window_ms']} ms ({drift})",
+                  f"- server RSS {s['rss_start_mb']} MB -> {s['rss_end_mb']} MB ({100 * s['rss_growth']:+.1f} %)",
+                  f"- p99 drift (median of the per-window p99s, second half against first half): "
+                  f"{s['p99_first_half_ms']} -> {s['p99_second_half_ms']} ms ({drift}); first window "
+                  f"{s['p99_first_window_ms']} ms, last {s['p99_last_window_ms']} ms",
                   "", "| window start s | sent | errors | p50 ms | p99 ms | max RSS MB |", "|---|---|---|---|---|---|"]
         lines += [f"| {w['start_s']:g} | {w['sent']} | {w['errors']} | {w['p50_ms']} | {w['p99_ms']} | {w['rss_mb']} |"
                   for w in report["phases"]["soak"]["windows"]]

@@ -36,10 +36,14 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``bentoml serve serve.service:Classifier`` on 127.0.0.1:<free port>, output to ``log``."""
+    """``bentoml serve serve.service:Classifier`` on 127.0.0.1:<free port>, output to ``log``.
+
+    ``cpus`` pins the server (arbiter and workers) to those cores, so a load generator on the
+    other cores does not take the server's CPU time.
+    """
 
     def __init__(self, env: dict[str, str], log: str | Path, working_dir: str | Path = REPO,
-                 home: str | Path | None = None, args: tuple[str, ...] = ()):
+                 home: str | Path | None = None, args: tuple[str, ...] = (), cpus: tuple[int, ...] = ()):
         self.log = Path(log)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -50,7 +54,9 @@ class ServerProcess:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "bentoml", "serve", "serve.service:Classifier", "--host", "127.0.0.1",
                  "--port", str(self.port), "--working-dir", str(working_dir), *args],
-                cwd=working_dir, env=full_env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+                cwd=working_dir, env=full_env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT,
+                # the workers inherit it: the whole server stays on these cores
+                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         self.pid = self.process.pid
 
     def wait_ready(self, timeout_s: float = 180) -> float:

@@ -8,6 +8,8 @@ import os
 import secrets
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from serve.config import ServeConfig, resolve_variant
 from serve.guard import RequestGuard
 from serve.launch import ServerProcess
 from serve.metrics import RequestMetrics
+from tests.conftest import REPO
 from train.errors import UserError
 
 VARIANT = "onnx-fp32"  # always built, and numerically the fine-tuned model itself
@@ -165,6 +168,16 @@ def test_keys_are_kept_as_digests_and_parsed_strictly():
     assert store.match(b"sha256:" + digest("hashed-key").encode()) is None  # the digest itself is no key
     with pytest.raises(ValueError, match=r"^line 2 starts with sha256: but is not followed by 64 hex digits$"):
         parse_keys(["ok", "sha256:abc"])
+
+
+def test_hash_key_cli_prints_the_digest_line(tmp_path):
+    run = lambda key: subprocess.run([sys.executable, "-m", "serve", "hash-key"], input=key, capture_output=True,  # noqa: E731
+                                     text=True, cwd=REPO)
+    done = run("my-secret-key\n")
+    assert done.returncode == 0 and done.stdout.strip() == digest("my-secret-key")
+    assert parse_keys([done.stdout]) == (digest("my-secret-key"),)  # the line goes into the keys file as is
+    empty = run("")
+    assert empty.returncode == 1 and empty.stderr.strip() == "trimserve: no key on stdin; e.g. python -m serve hash-key < key.txt"
 
 
 def test_keys_file_is_reloaded_when_it_changes(tmp_path):
@@ -582,3 +595,4 @@ def test_logs_hold_no_key_and_no_text(server):
     assert "invalid request to /classify [POST] -> 400" in output
     assert KEY not in output and MARK not in output and "wrong-key" not in output
     assert "Traceback" not in output
+

@@ -11,7 +11,8 @@ then against a fresh real ``bentoml serve`` of the selected variant for each pha
              p99 per window, first window to last (drift < 20 %)
 
 Open-loop Poisson arrivals, one test sentence per request, latency from the scheduled send
-time (perf.loadgen's machinery).  The server's RSS (arbiter + workers) is sampled every
+time (perf.loadgen's schedule and statistics; requests sent with aiohttp, which costs the client
+a fraction of httpx's CPU at these rates).  The server's RSS (arbiter + workers) is sampled every
 ``--rss-every-s``.  Writes reliability.json and reliability.md.
 
     python -m perf.reliability                    # both phases, ~11.5 min
@@ -141,15 +142,60 @@ async def _phase(url: str, key: str, pid: int, texts: list[str], rate: float, du
         await loadgen.warm_up(client, texts, config.warmup_requests)
         schedule = loadgen.poisson_schedule(rate, duration_s, 10 ** 7, config.seed)
         rss: list[tuple[float, int]] = []
-        before = await _server_view(client)
+        before, cpu = await _server_view(client), loadgen.CpuClock(pid)
+        cpu_before = cpu.read()
         sampler = asyncio.create_task(_sample_rss(pid, config.rss_every_s, rss))
-        samples = await loadgen.fire(client, schedule, texts)
+        samples = await fire(url, key, schedule, texts, timeout_s, config.connections)
         sampler.cancel()
         rss.append((time.monotonic(), _tree_rss(pid)))
         server = _server_delta(before, await _server_view(client))
+        server["client_cpu_ms_per_request"], server["server_cpu_ms_per_request"] = cpu.per_request(
+            cpu_before, cpu.read(), len(samples))
     start = rss[0][0] if rss else time.monotonic()
     return {"schedule": schedule, "samples": samples, "rss": [(round(t - start, 1), b) for t, b in rss],
             "server": server}
+
+
+async def fire(url: str, key: str, schedule: np.ndarray, texts: list[str], timeout_s: float,
+               connections: int) -> list[loadgen.Sample]:
+    """loadgen.fire with aiohttp: past ~100 requests/s httpx took 10 ms of CPU per request here
+    (its pool gets slower as connections pile up), so the client, not the server, set the pace.
+    ``timeout_s`` is the whole request, waiting for a connection included."""
+    import aiohttp
+
+    loop = asyncio.get_running_loop()
+    connector = aiohttp.TCPConnector(limit=connections)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s),
+                                     headers={"authorization": f"Bearer {key}"}) as session:
+        start = loop.time() + 0.05
+        # Plain arrays, not an object per request: tens of thousands of live objects made the
+        # client's garbage collector slower and slower over a 10-minute soak (a p99 that drifted
+        # up by 40 % on the client's side alone).
+        latency, status = np.zeros(len(schedule)), np.zeros(len(schedule), dtype=np.int64)  # status 0/-1/-2: see below
+
+        async def one(i: int, text: str) -> None:
+            try:
+                async with session.post("/classify", json={"texts": [text]}) as response:
+                    await response.read()
+                    status[i] = response.status
+            except asyncio.TimeoutError:
+                status[i] = -1
+            except aiohttp.ClientError:
+                status[i] = -2
+            latency[i] = loop.time() - (start + schedule[i])
+
+        # Each request's task is made at its send time: making all 30,000 of a soak up front
+        # kept the client busy for the first second and sent a burst (seen as a slow first minute).
+        pending: set[asyncio.Task] = set()
+        for i, at in enumerate(schedule):
+            await asyncio.sleep(max(0.0, start + at - loop.time()))
+            task = asyncio.create_task(one(i, texts[i % len(texts)]))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        while pending:
+            await asyncio.wait(set(pending))
+    names = {-1: "timeout", -2: "error"}
+    return [loadgen.Sample(float(t), names.get(int(c), int(c))) for t, c in zip(latency, status)]
 
 
 async def _server_view(client: httpx.AsyncClient) -> dict:
@@ -287,7 +333,9 @@ def markdown(report: dict) -> str:
                   f"{s['hung']}",
                   f"- the server's own view (trimserve_requests_total, trimserve_request_seconds): {s['server_saw']['codes']}, "
                   f"p50 <= {s['server_saw']['p50_ms_at_most']} ms, p99 <= {s['server_saw']['p99_ms_at_most']} ms "
-                  "(bucket bounds; time from its middleware to the answer, so without the kernel's accept queue)"]
+                  "(bucket bounds; time from its middleware to the answer, so without the kernel's accept queue)",
+                  f"- CPU per request: client {s['server_saw']['client_cpu_ms_per_request']} ms, server "
+                  f"{s['server_saw']['server_cpu_ms_per_request']} ms"]
     if "soak" in report["phases"]:
         s = report["phases"]["soak"]["summary"]
         drift = "-" if s["p99_drift"] is None else f"{100 * s['p99_drift']:+.1f} %"

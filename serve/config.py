@@ -56,6 +56,9 @@ class ServeConfig:
     max_concurrency: int = field(default=32, metadata={
         "help": "requests being classified at once over all workers; one more gets 503 with Retry-After at once "
                 "instead of queueing (one replica here: ~75 requests/s, so 32 waiting is ~0.4 s of work)"})
+    max_lag_ms: float = field(default=200.0, metadata={
+        "help": "new requests get 503 while the event loop runs this far behind (requests waiting unread in socket "
+                "buffers past capacity); 0: off"})
     max_body_bytes: int = field(default=4 * 1024 * 1024, metadata={
         "help": "larger request bodies get 413 before they are read (64 texts of 10,000 characters: 0.6 MB in "
                 "ASCII, 2.6 MB in 4-byte UTF-8)"})
@@ -84,6 +87,8 @@ class ServeConfig:
             value = getattr(self, name)
             if value is not None and value < low:
                 raise UserError(f"{env_name(name)}={value!r} is not valid: expected an integer >= {low}")
+        if self.max_lag_ms < 0:
+            raise UserError(f"{env_name('max_lag_ms')}={self.max_lag_ms!r} is not valid: expected milliseconds >= 0")
         if self.rate_limit_rps < 0:
             raise UserError(f"{env_name('rate_limit_rps')}={self.rate_limit_rps!r} is not valid: expected requests/s >= 0")
         if self.timeout_s <= 0:

@@ -11,6 +11,10 @@ One pure ASGI middleware, inside auth (so nobody unauthenticated gets this far):
   admission   at most ``max_in_flight`` requests of this worker are being classified; one more
               gets 503 with Retry-After at once, instead of queueing towards a timeout.  The
               body is read before a slot is taken, so slots are only held for model work.
+  lag         when the event loop runs more than ``max_lag_s`` behind, new requests get 503
+              too.  Past capacity the queue is not in front of the model but in front of this
+              middleware: requests wait in socket buffers for the busy event loop to read them,
+              which no in-flight count can see.  A timer that measures how late it fires does.
 
 Every refusal is a small JSON body ``{"error": ...}``; RequestMetrics outside counts it.
 """
@@ -27,8 +31,10 @@ JSON_TYPES = ("application/json",)
 
 class RequestGuard:
     def __init__(self, app, max_body_bytes: int, max_in_flight: int, body_timeout_s: float = 10.0,
-                 path: str = metrics.CLASSIFY_PATH):
+                 max_lag_s: float = 0.0, path: str = metrics.CLASSIFY_PATH):
         self.app = app
+        self.lag = LoopLag() if max_lag_s > 0 else None
+        self.max_lag_s = max_lag_s
         self.max_body_bytes = max_body_bytes
         self.max_in_flight = max_in_flight
         self.body_timeout_s = body_timeout_s
@@ -62,6 +68,9 @@ class RequestGuard:
         if self.in_flight >= self.max_in_flight:
             return await reply(send, 503, f"overloaded: {self.max_in_flight} requests in progress; retry shortly",
                                [(b"retry-after", b"1")])
+        if self.lag is not None and self.lag.seconds() > self.max_lag_s:
+            return await reply(send, 503, f"overloaded: {1e3 * self.lag.seconds():.0f} ms behind; retry shortly",
+                               [(b"retry-after", b"1")])
         self.in_flight += 1
         metrics.IN_FLIGHT.inc()
         try:
@@ -84,6 +93,37 @@ class RequestGuard:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+
+class LoopLag:
+    """How late the event loop runs: a timer every ``every_s`` notes how much later than asked it fired.
+
+    Started by the first request (it needs the running loop).  ``seconds()`` is the larger of
+    the last lateness and the time the current timer is overdue, so a loop that stalls
+    outright shows as behind at once.
+    """
+
+    def __init__(self, every_s: float = 0.02):
+        self.every_s = every_s
+        self.last_s = 0.0
+        self.due = None
+        self.task = None
+
+    def seconds(self) -> float:
+        loop = asyncio.get_running_loop()
+        if self.task is None:
+            self.task = loop.create_task(self._run())
+            return 0.0
+        overdue = loop.time() - self.due if self.due is not None else 0.0
+        return max(self.last_s, overdue)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self.due = loop.time() + self.every_s
+            await asyncio.sleep(self.every_s)
+            self.last_s = max(0.0, loop.time() - self.due)
+            metrics.LOOP_LAG.set(self.last_s)
 
 
 class ClientGone(Exception):

@@ -36,6 +36,8 @@ IN_FLIGHT = Gauge("trimserve_in_flight_requests", "/classify requests admitted a
                   multiprocess_mode="livesum")
 IN_FLIGHT_LIMIT = Gauge("trimserve_in_flight_limit", "Admitted /classify requests at most; more get 503",
                         multiprocess_mode="livesum")
+LOOP_LAG = Gauge("trimserve_event_loop_lag_seconds", "How late the worker's event loop ran its last 20 ms timer "
+                 "(max over workers); past capacity requests queue here, unread", multiprocess_mode="livemax")
 READY = Gauge("trimserve_ready", "1 once the model is loaded and warmed up (min over workers)",
               multiprocess_mode="livemin")
 API_KEYS = Gauge("trimserve_api_keys", "Bearer keys accepted now", multiprocess_mode="max")

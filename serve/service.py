@@ -156,4 +156,4 @@ else:
     logger.warning("TRIMSERVE_ALLOW_NO_AUTH is set: serving WITHOUT authentication")
 Classifier.add_asgi_middleware(RequestGuard, max_body_bytes=CONFIG.max_body_bytes,
                                max_in_flight=math.ceil(CONFIG.max_concurrency / CONFIG.workers),
-                               body_timeout_s=CONFIG.body_timeout_s)
+                               body_timeout_s=CONFIG.body_timeout_s, max_lag_s=CONFIG.max_lag_ms / 1e3)

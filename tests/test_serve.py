@@ -71,6 +71,7 @@ OPEN = {"TRIMSERVE_ALLOW_NO_AUTH": "1"}
     ({"TRIMSERVE_API_KEYS_FILE": "/nonexistent/keys"}, r"TRIMSERVE_API_KEYS_FILE='/nonexistent/keys' is not valid: no such file"),
     ({"TRIMSERVE_API_KEYS": "a", "TRIMSERVE_API_KEYS_FILE": "/k"}, r"both TRIMSERVE_API_KEYS and TRIMSERVE_API_KEYS_FILE"),
     ({**OPEN, "TRIMSERVE_MAX_BODY_BYTES": "100"}, r"TRIMSERVE_MAX_BODY_BYTES=100 is not valid: expected an integer >= 1024"),
+    ({**OPEN, "TRIMSERVE_MAX_LAG_MS": "-1"}, r"TRIMSERVE_MAX_LAG_MS=-1.0 is not valid: expected milliseconds >= 0"),
     ({**OPEN, "TRIMSERVE_RATE_LIMIT_RPS": "-1"}, r"TRIMSERVE_RATE_LIMIT_RPS=-1.0 is not valid: expected requests/s >= 0"),
     ({}, r"no API keys: set TRIMSERVE_API_KEYS_FILE .* or TRIMSERVE_ALLOW_NO_AUTH=1"),
 ])
@@ -258,6 +259,35 @@ def test_guard_admits_a_bounded_number_and_refuses_the_rest_at_once():
     assert count("503") == before + 3
     assert REGISTRY.get_sample_value("trimserve_in_flight_requests") == 0
     assert REGISTRY.get_sample_value("trimserve_in_flight_limit") == 2
+
+
+def test_guard_refuses_new_requests_while_the_event_loop_is_behind():
+    async def handler(request):
+        if (await request.body()) == b'"block"':
+            time.sleep(0.4)  # a stall of the whole event loop, as when it cannot keep up
+        return PlainTextResponse("ok")
+
+    app = RequestMetrics(RequestGuard(Starlette(routes=[Route("/classify", handler, methods=["POST"])]),
+                                      max_body_bytes=1000, max_in_flight=10, max_lag_s=0.1))
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            post = lambda body: client.post("/classify", json=body)  # noqa: E731
+            first = await post("hello")  # starts the lag timer
+            await asyncio.sleep(0.05)
+
+            async def during_the_stall():
+                await asyncio.sleep(0.05)
+                return await post("hello")
+
+            stalled, refused = await asyncio.gather(post("block"), during_the_stall())
+            await asyncio.sleep(0.1)  # the timer catches up
+            return first, stalled, refused, await post("hello")
+
+    first, stalled, refused, later = asyncio.run(scenario())
+    assert (first.status_code, stalled.status_code, later.status_code) == (200, 200, 200)
+    assert refused.status_code == 503 and "ms behind" in refused.json()["error"]
+    assert refused.headers["retry-after"] == "1"
 
 
 def test_guard_refuses_a_body_that_never_completes():

@@ -7,20 +7,13 @@ is "ok", and verify file hashes before trusting a variant.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
+from train.checksum import sha256_file
+
 MANIFEST = "manifest.json"
 VARIANT_FILE = "variant.json"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def describe_files(directory: Path, names: list[str] | None = None) -> dict[str, dict]:

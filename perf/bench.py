@@ -37,9 +37,10 @@ from tqdm import tqdm
 
 from export import machine
 from export.export import score
-from export.manifest import load_manifest, ok_variants, sha256_file, variant_dir, verify_files
+from export.manifest import load_manifest, ok_variants, variant_dir, verify_files
 from perf import report
 from perf.engines import make_engine
+from train.checksum import sha256_file
 from train.cliargs import ConfigParser, add_config_args, config_from_args
 from train.data import load_splits, spec_from_description
 from train.errors import UserError, run_cli

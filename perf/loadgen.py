@@ -43,12 +43,11 @@ import psutil
 from export import machine
 from export.manifest import load_manifest, ok_variants, variant_dir
 from serve.classifier import OnnxClassifier
-from serve.launch import ServerProcess
+from serve.launch import REPO, ServerProcess
 from train.cliargs import ConfigParser, add_config_args, config_from_args
 from train.data import load_splits, spec_from_description
 from train.errors import UserError, run_cli
 
-REPO = Path(__file__).resolve().parent.parent
 MODES = {"batching": {}, "no-batching": {"TRIMSERVE_BATCHING": "0"}}  # extra server env per mode
 GOAL_SPEEDUP = 3.0  # batching sustains >= 3x the sentences/s of no batching at the p99 bound
 GOAL_OVERHEAD_MS = 3.0  # served p50 at low load <= raw session p50 + 3 ms
@@ -102,14 +101,18 @@ class LoadConfig:
 
     @property
     def thread_count(self) -> int:
-        # The service's own default with one worker: the cores it may run on.
-        return self.threads or len(self.server_cpus or os.sched_getaffinity(0))
+        return ort_threads(self.threads, self.server_cpus)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = ConfigParser(prog="python -m perf.loadgen", description=__doc__.split("\n\n")[0])
     add_config_args(parser, LoadConfig)
     return run(config_from_args(LoadConfig, parser.parse_args(argv)))
+
+
+def ort_threads(threads: int, server_cpus: tuple[int, ...]) -> int:
+    """The service's own default with one worker: the cores it may run on."""
+    return threads or len(server_cpus or os.sched_getaffinity(0))
 
 
 def check_loopback(url: str) -> None:

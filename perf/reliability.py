@@ -34,6 +34,7 @@ import psutil
 from export import machine
 from export.manifest import load_manifest, variant_dir
 from perf import loadgen
+from serve.launch import REPO
 from train.cliargs import ConfigParser, add_config_args, config_from_args
 from train.errors import UserError, run_cli
 
@@ -69,7 +70,7 @@ class ReliabilityConfig:
     seed: int = field(default=0, metadata={"help": "arrival times and sentence order"})
     server_cpus: tuple[int, ...] = field(default=(), metadata={"help": "pin the server to these cores"})
     client_cpus: tuple[int, ...] = field(default=(), metadata={"help": "pin this load generator to these cores"})
-    working_dir: str = field(default=str(loadgen.REPO), metadata={"help": "checkout whose serve/ is started"})
+    working_dir: str = field(default=str(REPO), metadata={"help": "checkout whose serve/ is started"})
     output: str = field(default="artifacts/perf", metadata={"help": "report directory"})
 
     def __post_init__(self) -> None:
@@ -95,7 +96,7 @@ def run(config: ReliabilityConfig) -> dict:
     directory = variant_dir(manifest, entry)
     texts = loadgen.scored_sentences(manifest, config.seed)
     sustainable = config.sustainable_rps or _sustainable_from(Path(config.load_report))
-    threads = config.threads or len(config.server_cpus or psutil.Process().cpu_affinity())
+    threads = loadgen.ort_threads(config.threads, config.server_cpus)
     loadgen.pin(config.client_cpus)
     env = {"TRIMSERVE_VARIANT_DIR": str(directory.resolve()),
            "TRIMSERVE_MANIFEST": str(Path(manifest["_root"]).resolve() / "manifest.json"),
@@ -251,7 +252,7 @@ def _overload(raw: dict, rate: float, duration_s: float, config: ReliabilityConf
     hung = sum(1 for s in samples if s.status == "timeout")
     summary = {"offered_rps": round(rate, 1), "sent": result.sent, "answered_share": round(result.ok / result.sent, 4),
                "ok_rps": result.throughput_rps, "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
-               "refused": result.non_200, "refused_p99_ms": _p99(refused), "connection_errors": result.errors - hung,
+               "refused": result.non_200, "refused_p99_ms": _pct(refused, 99), "connection_errors": result.errors - hung,
                "hung": hung, "server_saw": raw["server"]}
     return {"summary": summary, "rss_bytes": raw["rss"]}
 
@@ -295,10 +296,6 @@ def _pct(latencies_s: list[float], q: float) -> float | None:
     if not latencies_s:
         return None
     return round(float(np.percentile(np.array(latencies_s) * 1e3, q, method="inverted_cdf")), 2)
-
-
-def _p99(latencies_s: list[float]) -> float | None:
-    return _pct(latencies_s, 99)
 
 
 def _goals(phases: dict) -> dict:

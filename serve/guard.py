@@ -47,9 +47,9 @@ class RequestGuard:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])  # header names arrive lower-cased
         length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            if not length.isdigit():
-                return await reply(send, 400, "Content-Length is not a number")
+        if length is not None and not length.isdigit():
+            return await reply(send, 400, "Content-Length is not a number")
+        if length is not None and int(length) > self.max_body_bytes:
             return await reply(send, 413, f"request body of {int(length)} bytes is over the limit of "
                                           f"{self.max_body_bytes} bytes")
         if scope["path"] != self.path or scope["method"] != "POST":

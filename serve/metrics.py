@@ -9,9 +9,11 @@ take small fixed sets of values (class labels, rejection reasons), never request
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from pathlib import Path
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, multiprocess
 
 MS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
@@ -112,11 +114,6 @@ class RequestMetrics:
 
 def forget_dead_workers() -> None:
     """Drop the live-gauge files of worker processes that no longer exist (killed, never cleaned up)."""
-    import os
-    from pathlib import Path
-
-    from prometheus_client import multiprocess
-
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not directory:
         return

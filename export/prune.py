@@ -34,13 +34,19 @@ class PrunePlan:
     neurons: dict[int, list[int]]  # kept layer (new numbering) -> FFN neuron indices to KEEP
 
     def to_json(self) -> dict:
-        return {"keep_layers": self.layers, "remove_heads": {str(k): v for k, v in self.heads.items()},
-                "keep_ffn_neurons": {str(k): v for k, v in self.neurons.items()}}
+        return {
+            "keep_layers": self.layers,
+            "remove_heads": {str(k): v for k, v in self.heads.items()},
+            "keep_ffn_neurons": {str(k): v for k, v in self.neurons.items()},
+        }
 
     @classmethod
-    def from_json(cls, data: dict) -> "PrunePlan":
-        return cls(layers=data["keep_layers"], heads={int(k): v for k, v in data["remove_heads"].items()},
-                   neurons={int(k): v for k, v in data["keep_ffn_neurons"].items()})
+    def from_json(cls, data: dict) -> PrunePlan:
+        return cls(
+            layers=data["keep_layers"],
+            heads={int(k): v for k, v in data["remove_heads"].items()},
+            neurons={int(k): v for k, v in data["keep_ffn_neurons"].items()},
+        )
 
 
 def encoder_macs_per_token(model, seq_len: int = 128) -> int:
@@ -92,7 +98,7 @@ def choose_layers(model, batches: list, keep: int) -> list[int]:
     while len(kept) > keep:
         losses = {}
         for candidate in kept:
-            _keep_layers(model, original, [l for l in kept if l != candidate])
+            _keep_layers(model, original, [k for k in kept if k != candidate])
             losses[candidate] = _loss(model, batches)
         kept.remove(min(losses, key=losses.get))
     _keep_layers(model, original, list(range(len(original))))
@@ -110,8 +116,9 @@ def _loss(model, batches) -> float:
     return sum(float(model(**batch).loss) for batch in batches) / len(batches)
 
 
-def plan(model, head_score: torch.Tensor, ffn_score: torch.Tensor, target: float, layers: list[int],
-         min_ffn: int = 64) -> PrunePlan:
+def plan(
+    model, head_score: torch.Tensor, ffn_score: torch.Tensor, target: float, layers: list[int], min_ffn: int = 64
+) -> PrunePlan:
     """Remove the ``target`` share of heads and of FFN neurons, least important first.
 
     Heads and neurons are ranked separately, each globally across layers after per-layer
@@ -124,13 +131,13 @@ def plan(model, head_score: torch.Tensor, ffn_score: torch.Tensor, target: float
     ffn_norm = ffn_score / ffn_score.norm(dim=1, keepdim=True).clamp_min(1e-12)
     heads = _lowest(head_norm, round(target * head_norm.numel()), keep_per_row=1)
     drop_ffn = _lowest(ffn_norm, round(target * ffn_norm.numel()), keep_per_row=min_ffn)
-    keep = {l: [n for n in range(ffn_score.shape[1]) if n not in set(drop_ffn[l])] for l in drop_ffn}
+    keep = {i: [n for n in range(ffn_score.shape[1]) if n not in set(drop_ffn[i])] for i in drop_ffn}
     return PrunePlan(layers=layers, heads=heads, neurons=keep)
 
 
 def _lowest(scores: torch.Tensor, count: int, keep_per_row: int) -> dict[int, list[int]]:
     """The ``count`` lowest entries of a [layers, units] matrix, leaving ``keep_per_row`` per layer."""
-    chosen: dict[int, list[int]] = {l: [] for l in range(scores.shape[0])}
+    chosen: dict[int, list[int]] = {i: [] for i in range(scores.shape[0])}
     for flat in torch.argsort(scores.flatten()).tolist():
         if count == 0:
             break
@@ -138,7 +145,7 @@ def _lowest(scores: torch.Tensor, count: int, keep_per_row: int) -> dict[int, li
         if scores.shape[1] - len(chosen[layer]) > keep_per_row:
             chosen[layer].append(unit)
             count -= 1
-    return {l: sorted(u) for l, u in chosen.items()}
+    return {i: sorted(u) for i, u in chosen.items()}
 
 
 def apply(model, prune_plan: PrunePlan):
@@ -146,9 +153,9 @@ def apply(model, prune_plan: PrunePlan):
     from transformers.pytorch_utils import prune_linear_layer
 
     apply_layers(model, prune_plan.layers)
-    model.prune_heads({l: h for l, h in prune_plan.heads.items() if h})
-    for l, keep in prune_plan.neurons.items():
-        layer = model.bert.encoder.layer[l]
+    model.prune_heads({i: h for i, h in prune_plan.heads.items() if h})
+    for i, keep in prune_plan.neurons.items():
+        layer = model.bert.encoder.layer[i]
         index = torch.tensor(keep, dtype=torch.long)
         layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, index, dim=0)
         layer.output.dense = prune_linear_layer(layer.output.dense, index, dim=1)

@@ -1,7 +1,10 @@
-"""How each variant is built.  One function per recipe, each writing one variant directory.
+"""How each variant is built.  A :class:`Recipe` carries its builder, its source and its parameters.
 
-They lean on Optimum for everything ONNX: ``main_export`` / ``onnx_export_from_model``,
-``ORTOptimizer`` and ``ORTQuantizer``.  Each returns the recipe details for the manifest.
+The builders lean on Optimum for everything ONNX: ``main_export`` / ``onnx_export_from_model``,
+``ORTOptimizer`` and ``ORTQuantizer``.  Each writes one variant directory and returns a
+:class:`Built`: the recipe details for the variant's record, and, when it made a new
+PyTorch model (pruning), that model's reference logits and what was removed.  export.py
+checks and scores what they build; :data:`RECIPES` is the list, in build order.
 """
 
 from __future__ import annotations
@@ -9,41 +12,101 @@ from __future__ import annotations
 import copy
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from export import prune
-from serve.classifier import MODEL_FILE
+from export.distill import distil
+from export.evaluate import Reference, torch_reference
+from serve.contract import MODEL_FILE
+from train.data import Splits
 
 AUX_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
-def onnx_fp32(ctx, target: Path) -> dict:
+@dataclass
+class Context:
+    """What every builder reads: the export settings, the fine-tuned model, the data, where to write."""
+
+    config: Any  # export.export.ExportConfig (not imported: export.py imports this module)
+    model_dir: Path
+    staging: Path
+    splits: Splits
+    max_length: int
+    isa: str
+    cuda: bool
+
+
+@dataclass
+class Built:
+    """What a builder made besides the files: details for the record, and a new PyTorch model's figures."""
+
+    details: dict
+    reference: Reference | None = (
+        None  # the new model's logits: it and the variants built from it are checked against them
+    )
+    pruning: dict | None = None  # what structure was removed, for this variant and those built from it
+
+
+@dataclass(frozen=True, eq=False)
+class Recipe:
+    """One variant: ``build(ctx, source_dir, target_dir, **params)`` makes it from ``source`` (None: the model).
+
+    ``precision`` picks the tolerance of its numerical check (export.evaluate.TOLERANCES).
+    """
+
+    name: str
+    precision: str
+    source: str | None
+    description: str
+    build: Callable[..., Built]
+    params: dict = field(default_factory=dict)
+    needs_cuda: bool = False
+
+
+# --- ONNX export and graph optimization -------------------------------------------------------
+
+
+def export_onnx(ctx: Context, source: None, target: Path) -> Built:
     from optimum.exporters.onnx import main_export
 
     # Our own check (export.numeric_check) replaces Optimum's, on real validation sentences.
     main_export(str(ctx.model_dir), output=target, task="text-classification", do_validation=False)
-    return {"tool": "optimum.exporters.onnx.main_export", "task": "text-classification",
-            "opset": _opset(target / MODEL_FILE), "dynamic_axes": ["batch_size", "sequence_length"]}
+    return Built(
+        {
+            "tool": "optimum.exporters.onnx.main_export",
+            "task": "text-classification",
+            "opset": _opset(target / MODEL_FILE),
+            "dynamic_axes": ["batch_size", "sequence_length"],
+        }
+    )
 
 
-def _opt_config(level: int, gpu: bool):
+def optimize(ctx: Context, source: Path, target: Path, level: int, gpu: bool = False) -> Built:
+    """ORTOptimizer at ``level`` (2: fusions; 4: fusions plus fp16, GPU only)."""
+    from optimum.onnxruntime import ORTOptimizer
     from optimum.onnxruntime.configuration import OptimizationConfig
 
-    return OptimizationConfig(optimization_level=level, optimize_for_gpu=gpu, fp16=gpu and level >= 3,
-                              enable_gelu_approximation=False)
-
-
-def _optimize(source: Path, target: Path, level: int, gpu: bool = False) -> dict:
-    from optimum.onnxruntime import ORTOptimizer
-
+    config = OptimizationConfig(
+        optimization_level=level, optimize_for_gpu=gpu, fp16=gpu and level >= 3, enable_gelu_approximation=False
+    )
     optimizer = ORTOptimizer.from_pretrained(source, file_names=[MODEL_FILE])
-    optimizer.optimize(optimization_config=_opt_config(level, gpu), save_dir=target)
+    optimizer.optimize(optimization_config=config, save_dir=target)
     _adopt(target, "model_optimized.onnx", source)
     _infer_shapes(target / MODEL_FILE)
-    return {"tool": "optimum.onnxruntime.ORTOptimizer", "optimization_level": level, "optimize_for_gpu": gpu,
-            "fp16": gpu and level >= 3, "fused_operators": _op_counts(target / MODEL_FILE)}
+    return Built(
+        {
+            "tool": "optimum.onnxruntime.ORTOptimizer",
+            "optimization_level": level,
+            "optimize_for_gpu": gpu,
+            "fp16": gpu and level >= 3,
+            "fused_operators": _op_counts(target / MODEL_FILE),
+        }
+    )
 
 
 def _infer_shapes(path: Path) -> None:
@@ -60,15 +123,34 @@ def _infer_shapes(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def onnx_opt(ctx, target: Path) -> dict:
-    return _optimize(ctx.staging / "onnx-fp32", target, level=2)
+# --- int8 ---------------------------------------------------------------------------------------
 
 
-def onnx_fp16(ctx, target: Path) -> dict:
-    return _optimize(ctx.staging / "onnx-fp32", target, level=4, gpu=True)
+def quantize_dynamic(ctx: Context, source: Path, target: Path) -> Built:
+    """ORTQuantizer dynamic int8: int8 weights, activation ranges computed at run time."""
+    return Built(_quantize(ctx, source, target, is_static=False))
 
 
-def _quantize(ctx, source: Path, target: Path, is_static: bool, calibration_texts: list[str] | None = None) -> dict:
+def quantize_static(ctx: Context, source: Path, target: Path) -> Built:
+    """ORTQuantizer static int8 (QDQ MatMuls), ranges calibrated on training sentences."""
+    rng = np.random.default_rng(ctx.config.seed)
+    train = ctx.splits.train["text"].tolist()
+    picks = rng.choice(len(train), size=min(ctx.config.calibration_samples, len(train)), replace=False)
+    return Built(_quantize(ctx, source, target, is_static=True, calibration_texts=[train[i] for i in picks]))
+
+
+def fuse_and_quantize(ctx: Context, source: Path, target: Path) -> Built:
+    """O2 fusions, then dynamic int8 (what int8-dynamic does from onnx-opt), for a pruned export."""
+    fused = target.with_name(target.name + "-opt")
+    opt = optimize(ctx, source, fused, level=2)
+    details = _quantize(ctx, fused, target, is_static=False)
+    shutil.rmtree(fused, ignore_errors=True)
+    return Built({**details, "optimized_first": opt.details})
+
+
+def _quantize(
+    ctx: Context, source: Path, target: Path, is_static: bool, calibration_texts: list[str] | None = None
+) -> dict:
     from optimum.onnxruntime import ORTQuantizer
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
@@ -80,16 +162,20 @@ def _quantize(ctx, source: Path, target: Path, is_static: bool, calibration_text
         # median, which a fixed int8 range cannot hold without breaking the model).
         extra = {"operators_to_quantize": ["MatMul"], "nodes_to_exclude": _static_exclusions(source / MODEL_FILE)}
     qconfig = getattr(AutoQuantizationConfig, ctx.isa)(is_static=is_static, per_channel=ctx.config.per_channel, **extra)
-    details: dict = {"tool": "optimum.onnxruntime.ORTQuantizer", "isa": ctx.isa, "is_static": is_static,
-                     "per_channel": ctx.config.per_channel, "format": qconfig.format.name,
-                     "weights": qconfig.weights_dtype.name, "activations": qconfig.activations_dtype.name,
-                     "operators": list(qconfig.operators_to_quantize)}
-    if is_static:
-        details["excluded_nodes"] = len(extra["nodes_to_exclude"])
+    details: dict = {
+        "tool": "optimum.onnxruntime.ORTQuantizer",
+        "isa": ctx.isa,
+        "is_static": is_static,
+        "per_channel": ctx.config.per_channel,
+        "format": qconfig.format.name,
+        "weights": qconfig.weights_dtype.name,
+        "activations": qconfig.activations_dtype.name,
+        "operators": list(qconfig.operators_to_quantize),
+    }
     ranges = None
     if is_static:
-        ranges, calib = _calibrate(ctx, quantizer, qconfig, calibration_texts or [])
-        details["calibration"] = calib
+        details["excluded_nodes"] = len(extra["nodes_to_exclude"])
+        ranges, details["calibration"] = _calibrate(ctx, quantizer, qconfig, calibration_texts or [])
     quantizer.quantize(quantization_config=qconfig, save_dir=target, calibration_tensors_range=ranges)
     _adopt(target, "model_quantized.onnx", source)
     return details
@@ -101,11 +187,15 @@ def _static_exclusions(path: Path) -> list[str]:
 
     graph = onnx.load(str(path), load_external_data=False).graph
     weights = {i.name for i in graph.initializer}
-    return [n.name for n in graph.node if n.op_type == "MatMul" and (
-        not any(i in weights for i in n.input) or ("/output/dense/" in n.name and "attention" not in n.name))]
+    return [
+        n.name
+        for n in graph.node
+        if n.op_type == "MatMul"
+        and (not any(i in weights for i in n.input) or ("/output/dense/" in n.name and "attention" not in n.name))
+    ]
 
 
-def _calibrate(ctx, quantizer, qconfig, texts: list[str]):
+def _calibrate(ctx: Context, quantizer, qconfig, texts: list[str]):
     """Activation ranges from real training sentences, one at a time (no padding to skew them)."""
     from datasets import Dataset
     from optimum.onnxruntime.configuration import AutoCalibrationConfig
@@ -121,53 +211,50 @@ def _calibrate(ctx, quantizer, qconfig, texts: list[str]):
         # pad to the 95th-percentile length (longer texts are cut), rounded up to 8.
         lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=ctx.max_length)["input_ids"]]
         pad_to = min(ctx.max_length, int(-(-np.percentile(lengths, 95) // 8) * 8))
-    encoded = tokenizer(texts, truncation=True, max_length=pad_to or ctx.max_length,
-                        padding="max_length" if pad_to else False)
+    encoded = tokenizer(
+        texts, truncation=True, max_length=pad_to or ctx.max_length, padding="max_length" if pad_to else False
+    )
     dataset = Dataset.from_dict(dict(encoded))
-    calibration = {"minmax": lambda: AutoCalibrationConfig.minmax(dataset),
-                   "percentile": lambda: AutoCalibrationConfig.percentiles(dataset, percentile=99.999),
-                   "entropy": lambda: AutoCalibrationConfig.entropy(dataset)}[method]()
+    calibration = {
+        "minmax": lambda: AutoCalibrationConfig.minmax(dataset),
+        "percentile": lambda: AutoCalibrationConfig.percentiles(dataset, percentile=99.999),
+        "entropy": lambda: AutoCalibrationConfig.entropy(dataset),
+    }[method]()
     started = time.perf_counter()
     augmented = ctx.staging / "augmented_model.onnx"
-    ranges = quantizer.fit(dataset=dataset, calibration_config=calibration, batch_size=1,
-                           onnx_augmented_model_name=augmented, operators_to_quantize=qconfig.operators_to_quantize)
+    ranges = quantizer.fit(
+        dataset=dataset,
+        calibration_config=calibration,
+        batch_size=1,
+        onnx_augmented_model_name=augmented,
+        operators_to_quantize=qconfig.operators_to_quantize,
+    )
     augmented.unlink(missing_ok=True)
-    return ranges, {"method": method, "samples": len(texts), "padded_to": pad_to, "seconds": round(time.perf_counter() - started, 1),
-                    "source": "training split"}
+    return ranges, {
+        "method": method,
+        "samples": len(texts),
+        "padded_to": pad_to,
+        "seconds": round(time.perf_counter() - started, 1),
+        "source": "training split",
+    }
 
 
-def int8_dynamic(ctx, target: Path) -> dict:
-    return _quantize(ctx, ctx.staging / "onnx-opt", target, is_static=False)
+# --- structured pruning ---------------------------------------------------------------------------
 
 
-def int8_static(ctx, target: Path) -> dict:
-    rng = np.random.default_rng(ctx.config.calibration_samples)
-    train = ctx.splits.train["text"].tolist()
-    picks = rng.choice(len(train), size=min(ctx.config.calibration_samples, len(train)), replace=False)
-    # From the plain export: the fused Attention op would keep its projections in fp32.
-    return _quantize(ctx, ctx.staging / "onnx-fp32", target, is_static=True, calibration_texts=[train[i] for i in picks])
+def prune_and_distil(ctx: Context, source: None, target: Path, keep_layers: int | None) -> Built:
+    """Rank, remove (layers, then heads and FFN neurons), distil, export.
 
-
-def pruned_fp32(ctx, target: Path) -> dict:
-    return _pruned(ctx, target, "pruned-fp32", keep_layers=None)
-
-
-def pruned_l3_fp32(ctx, target: Path) -> dict:
-    return _pruned(ctx, target, "pruned-l3-fp32", keep_layers=ctx.config.prune_keep_layers)
-
-
-def _pruned(ctx, target: Path, name: str, keep_layers: int | None) -> dict:
-    """Rank, remove, distil, export.  The pruned PyTorch weights go to torch/<name>/."""
+    The pruned PyTorch weights and plan go to ``torch/<variant>/`` beside the variants
+    (``prune.load_pruned`` rebuilds the model).
+    """
     from optimum.exporters.onnx import onnx_export_from_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from export.export import _torch_logits  # the same reference path as the unpruned model
-
-    config = ctx.config
+    config, name = ctx.config, target.name
     tokenizer = AutoTokenizer.from_pretrained(ctx.model_dir)
     teacher = AutoModelForSequenceClassification.from_pretrained(ctx.model_dir).eval()
-    before = {"encoder_macs_per_token": prune.encoder_macs_per_token(teacher), "parameters": _params(teacher),
-              "encoder_parameters": _params(teacher.bert.encoder)}
+    before = _size(teacher)
 
     started = time.perf_counter()
     batches = list(_labelled_batches(ctx, tokenizer, config.importance_samples))
@@ -180,114 +267,92 @@ def _pruned(ctx, target: Path, name: str, keep_layers: int | None) -> dict:
     plan = prune.plan(scout, head_score, ffn_score, target=config.prune_target, layers=layers)
     student = prune.apply(copy.deepcopy(teacher), plan)
     ranking_seconds = time.perf_counter() - started
-    after = {"encoder_macs_per_token": prune.encoder_macs_per_token(student), "parameters": _params(student),
-             "encoder_parameters": _params(student.bert.encoder)}
-    before_kd = _torch_logits(student.eval(), ctx.splits, config, ctx.max_length)["validation_metrics"]
-    print(f"[{name}] kept layers {layers}, removed {1 - after['encoder_macs_per_token'] / before['encoder_macs_per_token']:.1%} "
-          f"of encoder MACs/token; validation accuracy before distillation {before_kd['accuracy']:.4f}", flush=True)
+    after = _size(student)
+    before_kd = torch_reference(student.eval(), tokenizer, ctx.splits, ctx.max_length, config.batch_size)
+    removed = 1 - after["encoder_macs_per_token"] / before["encoder_macs_per_token"]
+    print(
+        f"[{name}] kept layers {layers}, removed {removed:.1%} of encoder MACs/token; "
+        f"validation accuracy before distillation {before_kd.validation_metrics['accuracy']:.4f}",
+        flush=True,
+    )
 
-    distill = _distill(ctx, teacher, student, tokenizer)
-    ctx.reference[name] = _torch_logits(student.eval(), ctx.splits, config, ctx.max_length)
+    labels = [ctx.splits.label_names.index(x) for x in ctx.splits.train["label"]]
+    distillation = distil(
+        teacher,
+        student,
+        tokenizer,
+        ctx.splits.train["text"].tolist(),
+        labels,
+        ctx.max_length,
+        ctx.staging / "distill-checkpoints",
+        epochs=config.distill_epochs,
+        max_steps=config.distill_max_steps,
+        learning_rate=config.distill_learning_rate,
+        temperature=config.distill_temperature,
+        alpha=config.distill_alpha,
+        seed=config.seed,
+    )
+    reference = torch_reference(student.eval(), tokenizer, ctx.splits, ctx.max_length, config.batch_size)
     prune.save_pruned(student, plan, ctx.staging / "torch" / name, teacher.config.to_dict())
     onnx_export_from_model(student, output=target, task="text-classification", do_validation=False)
     for aux in AUX_FILES:
         if (ctx.model_dir / aux).is_file() and aux != "config.json":
             shutil.copy2(ctx.model_dir / aux, target / aux)
 
-    ctx.extra[f"pruning:{name}"] = {
+    pruning = {
         "method": "greedy layer dropping by training loss, then first-order Taylor importance of heads "
-                  "(Michel et al. 2019) and FFN neurons, the least important share of each removed, "
-                  "then logit distillation from the unpruned model",
+        "(Michel et al. 2019) and FFN neurons, the least important share of each removed, "
+        "then logit distillation from the unpruned model",
         "target_fraction_heads_and_ffn": config.prune_target,
         "kept_layers": layers,
-        "before": before, "after": after,
-        "flops_reduction": round(1 - after["encoder_macs_per_token"] / before["encoder_macs_per_token"], 4),
+        "before": before,
+        "after": after,
+        "flops_reduction": round(removed, 4),
         "parameter_reduction": round(1 - after["parameters"] / before["parameters"], 4),
         "encoder_parameter_reduction": round(1 - after["encoder_parameters"] / before["encoder_parameters"], 4),
         "heads_per_layer": [layer.attention.self.num_attention_heads for layer in student.bert.encoder.layer],
         "ffn_per_layer": [layer.intermediate.dense.out_features for layer in student.bert.encoder.layer],
         "flops_counted_at_seq_len": 128,
         "ranking_seconds": round(ranking_seconds, 1),
-        "validation_before_distillation": before_kd,
-        "distillation": distill,
-        "validation_after_distillation": ctx.reference[name]["validation_metrics"],
+        "validation_before_distillation": before_kd.validation_metrics,
+        "distillation": distillation,
+        "validation_after_distillation": reference.validation_metrics,
     }
-    return {"tool": "optimum.exporters.onnx.onnx_export_from_model", "opset": _opset(target / MODEL_FILE),
-            "pytorch_weights": f"torch/{name}/"}
+    details = {
+        "tool": "optimum.exporters.onnx.onnx_export_from_model",
+        "opset": _opset(target / MODEL_FILE),
+        "pytorch_weights": f"torch/{name}/",
+    }
+    return Built(details, reference=reference, pruning=pruning)
 
 
-def pruned_int8(ctx, target: Path) -> dict:
-    return _fused_int8(ctx, ctx.staging / "pruned-fp32", target)
+def _size(model) -> dict:
+    return {
+        "encoder_macs_per_token": prune.encoder_macs_per_token(model),
+        "parameters": _params(model),
+        "encoder_parameters": _params(model.bert.encoder),
+    }
 
 
-def pruned_l3_int8(ctx, target: Path) -> dict:
-    return _fused_int8(ctx, ctx.staging / "pruned-l3-fp32", target)
-
-
-def _fused_int8(ctx, source: Path, target: Path) -> dict:
-    fused = target.with_name(target.name + "-opt")
-    opt = _optimize(source, fused, level=2)
-    details = _quantize(ctx, fused, target, is_static=False)
-    shutil.rmtree(fused, ignore_errors=True)
-    return {**details, "optimized_first": opt}
-
-
-def _labelled_batches(ctx, tokenizer, n: int, batch_size: int = 32):
+def _labelled_batches(ctx: Context, tokenizer, n: int, batch_size: int = 32):
     import torch
 
     train = ctx.splits.train.iloc[:n]
     label_ids = [ctx.splits.label_names.index(x) for x in train["label"]]
     texts = train["text"].tolist()
     for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start:start + batch_size], truncation=True, max_length=ctx.max_length,
-                          padding=True, return_tensors="pt")
-        batch["labels"] = torch.tensor(label_ids[start:start + batch_size])
+        batch = tokenizer(
+            texts[start : start + batch_size],
+            truncation=True,
+            max_length=ctx.max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        batch["labels"] = torch.tensor(label_ids[start : start + batch_size])
         yield batch
 
 
-def _distill(ctx, teacher, student, tokenizer) -> dict:
-    """Recover accuracy with Trainer: hard-label CE plus KL to the teacher's softened logits."""
-    import torch
-    import torch.nn.functional as F
-    from datasets import Dataset
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
-
-    from export.export import batched_torch_logits
-
-    config = ctx.config
-    texts = ctx.splits.train["text"].tolist()
-    labels = [ctx.splits.label_names.index(x) for x in ctx.splits.train["label"]]
-    # Teacher logits once per sentence (no dropout in eval mode, so every epoch would repeat them).
-    teacher_logits = batched_torch_logits(teacher, tokenizer, texts, ctx.max_length)
-    ds = Dataset.from_dict({"text": texts, "labels": labels, "teacher_logits": teacher_logits.tolist()})
-    ds = ds.map(lambda b: tokenizer(b["text"], truncation=True, max_length=ctx.max_length), batched=True,
-                remove_columns=["text"], desc="tokenize")
-
-    class DistillTrainer(Trainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            soft = inputs.pop("teacher_logits")
-            outputs = model(**inputs)
-            t = config.distill_temperature
-            kd = F.kl_div(F.log_softmax(outputs.logits / t, -1), F.softmax(soft / t, -1), reduction="batchmean") * t * t
-            loss = config.distill_alpha * outputs.loss + (1 - config.distill_alpha) * kd
-            return (loss, outputs) if return_outputs else loss
-
-    cuda = torch.cuda.is_available()
-    args = TrainingArguments(
-        output_dir=str(ctx.staging / "distill-checkpoints"), learning_rate=config.distill_learning_rate,
-        num_train_epochs=config.distill_epochs, max_steps=config.distill_max_steps, per_device_train_batch_size=32,
-        weight_decay=0.01, warmup_ratio=0.06, lr_scheduler_type="linear", save_strategy="no", eval_strategy="no",
-        logging_steps=50, report_to=[], group_by_length=True, remove_unused_columns=False,
-        dataloader_pin_memory=cuda, bf16=cuda and torch.cuda.is_bf16_supported(), seed=42)
-    student.train()
-    started = time.perf_counter()
-    result = DistillTrainer(model=student, args=args, train_dataset=ds,
-                            data_collator=DataCollatorWithPadding(tokenizer)).train()
-    shutil.rmtree(ctx.staging / "distill-checkpoints", ignore_errors=True)
-    student.eval()
-    return {"steps": result.global_step, "seconds": round(time.perf_counter() - started, 1),
-            "loss": round(result.training_loss, 5), "temperature": config.distill_temperature,
-            "alpha": config.distill_alpha, "learning_rate": config.distill_learning_rate, "examples": len(texts)}
+# --- small helpers ----------------------------------------------------------------------------------
 
 
 def _params(module) -> int:
@@ -317,3 +382,60 @@ def _op_counts(path: Path) -> dict[str, int]:
     for node in model.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:8])
+
+
+# --- the recipes, in build order ----------------------------------------------------------------------
+
+RECIPES: tuple[Recipe, ...] = (
+    Recipe("onnx-fp32", "fp32", None, "Optimum ONNX export, dynamic batch and sequence axes", export_onnx),
+    Recipe(
+        "onnx-opt",
+        "optimized",
+        "onnx-fp32",
+        "ORTOptimizer O2: fused attention, GELU, LayerNorm",
+        optimize,
+        {"level": 2},
+    ),
+    Recipe(
+        "onnx-fp16",
+        "fp16",
+        "onnx-fp32",
+        "ORTOptimizer O4: O2 fusions plus fp16 weights (CUDA only)",
+        optimize,
+        {"level": 4, "gpu": True},
+        needs_cuda=True,
+    ),
+    Recipe(
+        "int8-dynamic",
+        "int8",
+        "onnx-opt",
+        "ORTQuantizer dynamic int8 (weights int8, activations at run time)",
+        quantize_dynamic,
+    ),
+    # From the plain export: the fused Attention op would keep its projections in fp32.
+    Recipe(
+        "int8-static",
+        "int8",
+        "onnx-fp32",
+        "ORTQuantizer static int8 (QDQ MatMuls), ranges calibrated on training data",
+        quantize_static,
+    ),
+    Recipe(
+        "pruned-fp32",
+        "fp32",
+        None,
+        "heads and FFN neurons removed, distilled from the unpruned model, exported",
+        prune_and_distil,
+        {"keep_layers": None},
+    ),
+    Recipe("pruned-int8", "int8", "pruned-fp32", "pruned-fp32, O2 fused, dynamic int8", fuse_and_quantize),
+    Recipe(
+        "pruned-l3-fp32",
+        "fp32",
+        None,
+        "3 layers kept, then heads and FFN neurons removed, distilled, exported",
+        prune_and_distil,
+        {"keep_layers": 3},
+    ),
+    Recipe("pruned-l3-int8", "int8", "pruned-l3-fp32", "pruned-l3-fp32, O2 fused, dynamic int8", fuse_and_quantize),
+)

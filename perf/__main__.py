@@ -1,4 +1,4 @@
 from perf.bench import main
-from train.errors import run_cli
+from serve.contract import run_cli
 
 run_cli(main)

@@ -6,11 +6,16 @@
   variant directory, so the timed path is the served path (variants and baseline b).
 
 Each engine can classify one text, classify a batch, and run the bare model on a synthetic
-batch of an exact shape (for the shape sweep, tokenization excluded).
+batch of an exact shape (for the shape sweep, tokenization excluded).  ``peak_memory`` loads
+one in a fresh process (perf/memprobe.py) to measure what it alone takes.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +23,29 @@ import numpy as np
 from serve.classifier import Encoded, OnnxClassifier, batched_logits
 
 
+@dataclass(frozen=True)
+class EngineSpec:
+    """How every engine runs: threads, ONNX Runtime spinning, and the tokenization of the served variants."""
+
+    threads: int
+    spin: bool
+    labels: list[str]
+    max_length: int
+    pad_token_id: int
+
+
 class OnnxEngine:
-    def __init__(self, name: str, directory: Path, threads: int, max_length: int, spin: bool):
+    def __init__(self, name: str, directory: Path, spec: EngineSpec):
         self.name = name
-        self.clf = OnnxClassifier(directory, threads=threads, max_length=max_length, device="cpu", spin=spin)
+        self.clf = OnnxClassifier(
+            directory,
+            spec.labels,
+            spec.max_length,
+            spec.pad_token_id,
+            threads=spec.threads,
+            device="cpu",
+            spin=spec.spin,
+        )
 
     def predict_one(self, text: str) -> None:
         self.clf.predict([text])
@@ -30,6 +54,7 @@ class OnnxEngine:
         self.clf.predict(texts)
 
     def forward_shape(self, ids: np.ndarray) -> None:
+        """The bare model on int64 token ids [batch, tokens], tokenization excluded."""
         mask = np.ones_like(ids)
         arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
         self.clf.logits(Encoded({n: arrays[n] for n in self.clf.input_names}, int(mask.sum()), 0))
@@ -39,16 +64,22 @@ class OnnxEngine:
 
 
 class PipelineEngine:
-    def __init__(self, name: str, model_dir: Path, threads: int, max_length: int):
+    def __init__(self, name: str, model_dir: Path, spec: EngineSpec):
         import torch
         from transformers import pipeline
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(spec.threads)
         self.name = name
         self.torch = torch
-        self.max_length = max_length
-        self.pipe = pipeline("text-classification", model=str(model_dir), device=-1, top_k=None,
-                             truncation=True, max_length=max_length)
+        self.max_length = spec.max_length
+        self.pipe = pipeline(
+            "text-classification",
+            model=str(model_dir),
+            device=-1,
+            top_k=None,
+            truncation=True,
+            max_length=spec.max_length,
+        )
         self.model = self.pipe.model.eval()
 
     def predict_one(self, text: str) -> None:
@@ -67,14 +98,42 @@ class PipelineEngine:
         out = []
         with self.torch.inference_mode():
             for start in range(0, len(texts), 64):
-                batch = tokenizer(texts[start:start + 64], truncation=True, padding=True,
-                                  max_length=self.max_length, return_tensors="pt")
+                batch = tokenizer(
+                    texts[start : start + 64],
+                    truncation=True,
+                    padding=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                )
                 out.append(self.model(**batch).logits.float().numpy())
         return np.concatenate(out)
 
 
-def make_engine(entry: dict, threads: int, max_length: int, spin: bool):
-    """The engine for a report entry: the pipeline for the PyTorch baseline, else ONNX."""
+def make_engine(entry: dict, spec: EngineSpec):
+    """The engine of a report entry (``name``, ``kind``, ``path``): the pipeline for the PyTorch baseline, else ONNX."""
     if entry["kind"] == "baseline" and entry["name"] == "baseline-pipeline":
-        return PipelineEngine(entry["name"], Path(entry["path"]), threads, max_length)
-    return OnnxEngine(entry["name"], Path(entry["path"]), threads, max_length, spin)
+        return PipelineEngine(entry["name"], Path(entry["path"]), spec)
+    return OnnxEngine(entry["name"], Path(entry["path"]), spec)
+
+
+def peak_memory(entry: dict, spec: EngineSpec, texts: list[str]) -> dict:
+    """Peak resident memory (MiB) of a fresh process that loads the entry and runs ``texts`` through it.
+
+    The child (``python -m perf.memprobe``) imports only this module (and through it
+    onnxruntime, or torch for the pipeline baseline), so an ONNX entry's figure does not
+    include PyTorch.  Returns ``{"peak_rss_mb", "after_imports_mb", "model_mb"}``, or
+    ``{"error": ...}`` if the child failed.
+    """
+    request = json.dumps({"entry": entry, "spec": asdict(spec), "texts": texts})
+    proc = subprocess.run(
+        [sys.executable, "-m", "perf.memprobe"],
+        input=request,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    base, peak = json.loads(proc.stdout.strip().splitlines()[-1])
+    mib = lambda b: round(b / 2**20, 3)  # noqa: E731
+    return {"peak_rss_mb": mib(peak), "after_imports_mb": mib(base), "model_mb": mib(peak - base)}

@@ -26,27 +26,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
-import os
-import secrets
-import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
-import httpx
 import numpy as np
-import psutil
 
 from export import machine
-from export.manifest import load_manifest, ok_variants, variant_dir
+from perf.openloop import (
+    CpuClock,
+    LoadBase,
+    RateResult,
+    Target,
+    check_loopback,
+    fire,
+    metrics_text,
+    pick_variant,
+    pin,
+    placement,
+    poisson_schedule,
+    scored_sentences,
+    served,
+    session,
+    summarize,
+    warm_up,
+)
 from serve.classifier import OnnxClassifier
-from serve.launch import REPO, ServerProcess
+from serve.contract import UserError, run_cli
 from train.cliargs import ConfigParser, add_config_args, config_from_args
-from train.data import load_splits, spec_from_description
-from train.errors import UserError, run_cli
 
 MODES = {"batching": {}, "no-batching": {"TRIMSERVE_BATCHING": "0"}}  # extra server env per mode
 GOAL_SPEEDUP = 3.0  # batching sustains >= 3x the sentences/s of no batching at the p99 bound
@@ -54,54 +63,38 @@ GOAL_OVERHEAD_MS = 3.0  # served p50 at low load <= raw session p50 + 3 ms
 
 
 @dataclass(frozen=True)
-class LoadConfig:
-    variants: str = field(default="artifacts/variants", metadata={"help": "variants directory (with manifest.json)"})
-    variant: str | None = field(default=None, metadata={
-        "help": "variant to serve and time raw (default: the one --selected names)"})
-    selected: str = field(default="artifacts/selected.json", metadata={"help": "selection file written by perf/"})
-    url: str | None = field(default=None, metadata={
-        "help": "load an already running server (loopback only) instead of starting one per mode"})
+class LoadConfig(LoadBase):
+    url: str | None = field(
+        default=None,
+        metadata={"help": "load an already running server (loopback only) instead of starting one per mode"},
+    )
     api_key_file: str | None = field(default=None, metadata={"help": "bearer key for --url (first line of the file)"})
-    modes: tuple[str, ...] = field(default=tuple(MODES), metadata={
-        "help": "serving modes to start and compare (with --url: the running server as it is)"})
+    modes: tuple[str, ...] = field(
+        default=tuple(MODES),
+        metadata={"help": "serving modes to start and compare (with --url: the running server as it is)"},
+    )
     rates: tuple[float, ...] = field(default=(), metadata={"help": "offered rates in requests/s (default: a ramp)"})
     ramp_start: float = field(default=10.0, metadata={"help": "ramp: first rate, requests/s"})
     ramp_factor: float = field(default=1.5, metadata={"help": "ramp: each rate is the previous one times this"})
     ramp_max: float = field(default=1000.0, metadata={"help": "ramp: never offer more than this, requests/s"})
     duration_s: float = field(default=10.0, metadata={"help": "seconds of arrivals per rate"})
     max_requests: int = field(default=3000, metadata={"help": "at most this many requests per rate"})
-    timeout_s: float = field(default=5.0, metadata={"help": "per request; a slower one counts as an error"})
     p99_bound_ms: float = field(default=100.0, metadata={"help": "a rate holds when its p99 is within this..."})
     max_error_share: float = field(default=0.01, metadata={"help": "...and at most this share failed (MLPerf: 1 %%)"})
     low_rate: float = field(default=5.0, metadata={"help": "rate of the low-load probe for the serving overhead"})
     low_duration_s: float = field(default=10.0, metadata={"help": "seconds of the low-load probe"})
-    warmup_requests: int = field(default=48, metadata={"help": "untimed requests after start, 8 at a time"})
-    threads: int = field(default=0, metadata={"help": "ONNX Runtime threads, server and raw alike (0: all cores)"})
-    connections: int = field(default=512, metadata={
-        "help": "client connections; above the server's max concurrency so its 429s, not the client, limit"})
-    seed: int = field(default=0, metadata={"help": "arrival times and sentence order"})
-    server_cpus: tuple[int, ...] = field(default=(), metadata={
-        "help": "pin the server to these cores (and time the raw session there); default: all"})
-    client_cpus: tuple[int, ...] = field(default=(), metadata={
-        "help": "pin this load generator to these cores; default: all (then it competes with the server)"})
-    working_dir: str = field(default=str(REPO), metadata={"help": "checkout whose serve/ is started"})
-    output: str = field(default="artifacts/perf", metadata={"help": "report directory (load.json, load.md)"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         unknown = sorted(set(self.modes) - set(MODES))
         if unknown or not self.modes:
             raise UserError(f"--modes {' '.join(self.modes)} is not valid: expected some of {', '.join(MODES)}")
         if any(r <= 0 for r in self.rates + (self.ramp_start, self.low_rate)) or self.ramp_factor <= 1:
             raise UserError("rates must be > 0 requests/s and --ramp-factor > 1")
-        if min(self.duration_s, self.low_duration_s, self.timeout_s, self.p99_bound_ms) <= 0 or self.max_requests < 1:
-            raise UserError("--duration-s, --low-duration-s, --timeout-s and --p99-bound-ms must be > 0, "
-                            "--max-requests >= 1")
+        if min(self.duration_s, self.low_duration_s, self.p99_bound_ms) <= 0 or self.max_requests < 1:
+            raise UserError("--duration-s, --low-duration-s and --p99-bound-ms must be > 0, --max-requests >= 1")
         if self.url:
             check_loopback(self.url)
-
-    @property
-    def thread_count(self) -> int:
-        return ort_threads(self.threads, self.server_cpus)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -110,63 +103,24 @@ def main(argv: list[str] | None = None) -> dict:
     return run(config_from_args(LoadConfig, parser.parse_args(argv)))
 
 
-def ort_threads(threads: int, server_cpus: tuple[int, ...]) -> int:
-    """The service's own default with one worker: the cores it may run on."""
-    return threads or len(server_cpus or os.sched_getaffinity(0))
-
-
-def check_loopback(url: str) -> None:
-    """Refuse anything but this machine: a load test aimed elsewhere is an attack."""
-    host = httpx.URL(url).host
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise UserError(f"--url {url} is not a loopback address; loadgen only targets 127.0.0.1, ::1 or localhost")
-
-
 def run(config: LoadConfig) -> dict:
-    manifest = load_manifest(Path(config.variants))
-    entry = pick_variant(manifest, config)
-    directory = variant_dir(manifest, entry)
-    texts = scored_sentences(manifest, config.seed)
+    target = pick_variant(config)
+    texts = scored_sentences(target.manifest, config.seed)
     threads = config.thread_count
     pin(config.client_cpus)
-    print(f"loadgen: {entry['name']}, {len(texts)} test sentences, {threads} ONNX Runtime threads")
+    print(f"loadgen: {target.entry.name}, {len(texts)} test sentences, {threads} ONNX Runtime threads")
     if config.url:
         modes = {"target": measure(config.url, _read_key(config.api_key_file), texts, config)}
     else:
-        modes = {mode: _serve_and_measure(mode, directory, manifest, texts, config) for mode in config.modes}
+        modes = {mode: _serve_and_measure(mode, target, texts, config) for mode in config.modes}
     # The sentences of the low-load probe, now that no server competes for the cores; on the
     # server's cores, where it would have run.
     pin(config.server_cpus)
-    raw = raw_latency(directory, threads, manifest["max_length"], texts[:max(10, len(_low_schedule(config)))])
+    raw = raw_latency(target, threads, texts[: max(10, len(_low_schedule(config)))])
     raw["server_running"] = bool(config.url)  # an idle --url server still holds memory and wakes up now and then
-    report = _report(config, entry, directory, threads, modes, raw)
+    report = _report(config, target, threads, modes, raw)
     _write(report, Path(config.output))
     return report
-
-
-def pick_variant(manifest: dict, config: LoadConfig) -> dict:
-    name = config.variant
-    if name is None:
-        selected = Path(config.selected)
-        if not selected.is_file():
-            raise UserError(f"no --variant and {selected} does not exist; pass --variant "
-                            f"(one of {', '.join(v['name'] for v in ok_variants(manifest))})")
-        name = json.loads(selected.read_text())["variant"]
-    entry = next((v for v in ok_variants(manifest) if v["name"] == name), None)
-    if entry is None:
-        raise UserError(f"variant {name!r} is not an ok variant of {manifest['_root']}; "
-                        f"choose one of {', '.join(v['name'] for v in ok_variants(manifest))}")
-    return entry
-
-
-def scored_sentences(manifest: dict, seed: int) -> list[str]:
-    """The test split the variants were scored on, in a seeded order (the same for every mode)."""
-    texts = load_splits(spec_from_description(manifest["data"])).test["text"].tolist()
-    return [texts[i] for i in np.random.default_rng(seed).permutation(len(texts))]
 
 
 def _read_key(path: str | None) -> str | None:
@@ -179,75 +133,49 @@ def _read_key(path: str | None) -> str | None:
 
 # --- one mode: start the server, measure, stop it ---------------------------------------------
 
-def _serve_and_measure(mode: str, directory: Path, manifest: dict, texts: list[str], config: LoadConfig) -> dict:
-    env = {"TRIMSERVE_VARIANT_DIR": str(directory.resolve()),
-           "TRIMSERVE_MANIFEST": str(Path(manifest["_root"]).resolve() / "manifest.json"),
-           "TRIMSERVE_THREADS": str(config.thread_count), **MODES[mode]}
+
+def _serve_and_measure(mode: str, target: Target, texts: list[str], config: LoadConfig) -> dict:
+    env = {**target.server_env(config.thread_count), **MODES[mode]}
     print(f"[{mode}] starting bentoml serve ({' '.join(f'{k}={v}' for k, v in MODES[mode].items()) or 'defaults'})")
     with served(env, config.working_dir, config.server_cpus) as (url, key, pid):
         return {"server_env": env, **measure(url, key, texts, config, label=mode, server_pid=pid)}
 
 
-@contextlib.contextmanager
-def served(env: dict, working_dir: str, cpus: tuple[int, ...] = (),
-           ready_timeout_s: float = 180) -> Iterator[tuple[str, str, int]]:
-    """``bentoml serve`` on a free loopback port with a fresh key; yields (url, key, pid)."""
-    with tempfile.TemporaryDirectory(prefix="loadgen-") as tmp:
-        key = secrets.token_urlsafe(24)
-        (Path(tmp) / "keys").write_text(key + "\n")
-        with ServerProcess({**env, "TRIMSERVE_API_KEYS_FILE": f"{tmp}/keys"}, Path(tmp) / "server.log",
-                           working_dir, home=f"{tmp}/home", cpus=cpus) as server:
-            print(f"  ready in {server.wait_ready(ready_timeout_s):.1f} s")
-            yield server.url, key, server.pid
-
-
-def pin(cpus: tuple[int, ...]) -> None:
-    """Run this process on ``cpus`` (nothing when empty)."""
-    if cpus:
-        try:
-            os.sched_setaffinity(0, cpus)
-        except OSError as err:
-            raise UserError(f"cannot pin to cores {list(cpus)}: {err.strerror}; this machine has cores "
-                            f"{sorted(os.sched_getaffinity(0))}") from None
-
-
 # --- measuring a running server -----------------------------------------------------------------
 
-def measure(url: str, key: str | None, texts: list[str], config: LoadConfig, label: str = "target",
-            server_pid: int | None = None) -> dict:
+
+def measure(
+    url: str,
+    key: str | None,
+    texts: list[str],
+    config: LoadConfig,
+    label: str = "target",
+    server_pid: int | None = None,
+) -> dict:
     """Warm-up, the low-load probe, the rate sweep, and the model calls the sweep caused."""
     return asyncio.run(_measure(url, key, texts, config, label, CpuClock(server_pid)))
 
 
 async def _measure(url: str, key: str | None, texts: list[str], config: LoadConfig, label: str, cpu: CpuClock) -> dict:
-    headers = {"authorization": f"Bearer {key}"} if key else {}
-    limits = httpx.Limits(max_connections=config.connections, max_keepalive_connections=config.connections)
-    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=config.timeout_s) as client:
+    async with session(url, key, config.connections, config.timeout_s) as client:
         await warm_up(client, texts, config.warmup_requests)
-        low_schedule = _low_schedule(config)
-        low = await _at_rate(client, low_schedule, texts, config.low_rate, config.low_duration_s, cpu)
+        low = await _at_rate(client, _low_schedule(config), texts, config.low_rate, config.low_duration_s, cpu)
         print(f"[{label}] low load {_line(low)}")
         before = await _model_calls(client)
         sweep = await _sweep(client, texts, config, label, cpu)
         calls = _delta(before, await _model_calls(client))
     bounds = config.p99_bound_ms, config.max_error_share
     best = sustainable(sweep, *bounds)
-    return {"status": "ok", "low_load": low.to_dict(*bounds), "sweep": [r.to_dict(*bounds) for r in sweep],
-            "sustainable": best.to_dict(*bounds) if best else None, "model_calls": calls}
+    return {
+        "status": "ok",
+        "low_load": low.to_dict(*bounds),
+        "sweep": [r.to_dict(*bounds) for r in sweep],
+        "sustainable": best.to_dict(*bounds) if best else None,
+        "model_calls": calls,
+    }
 
 
-async def warm_up(client: httpx.AsyncClient, texts: list[str], n: int) -> None:
-    """Untimed bursts of 8: BentoML runs its first ~10 calls one by one while it calibrates."""
-    for start in range(0, n, 8):
-        burst = [texts[i % len(texts)] for i in range(start, min(n, start + 8))]
-        responses = await asyncio.gather(*(_post(client, text) for text in burst))
-        if responses and responses[0] != 200:
-            raise UserError(f"the server answered {responses[0]} to a warm-up request; for --url pass --api-key-file "
-                            "with a key it accepts")
-
-
-async def _sweep(client: httpx.AsyncClient, texts: list[str], config: LoadConfig, label: str,
-                 cpu: CpuClock) -> list[RateResult]:
+async def _sweep(client, texts: list[str], config: LoadConfig, label: str, cpu: CpuClock) -> list[RateResult]:
     results: list[RateResult] = []
     for rate in config.rates or _ramp(config):
         schedule = poisson_schedule(rate, config.duration_s, config.max_requests, config.seed)
@@ -258,31 +186,14 @@ async def _sweep(client: httpx.AsyncClient, texts: list[str], config: LoadConfig
     return results
 
 
-async def _at_rate(client: httpx.AsyncClient, schedule: np.ndarray, texts: list[str], rate: float,
-                   duration_s: float, cpu: CpuClock) -> RateResult:
+async def _at_rate(
+    client, schedule: np.ndarray, texts: list[str], rate: float, duration_s: float, cpu: CpuClock
+) -> RateResult:
     """One open-loop stream, with the CPU time client and server spent per request on it."""
     before = cpu.read()
     result = summarize(await fire(client, schedule, texts), schedule, rate, duration_s)
     result.client_cpu_ms, result.server_cpu_ms = cpu.per_request(before, cpu.read(), result.sent)
     return result
-
-
-class CpuClock:
-    """CPU seconds of this process (the client) and of the server's process tree, when it is ours."""
-
-    def __init__(self, server_pid: int | None):
-        self.server = psutil.Process(server_pid) if server_pid else None
-
-    def read(self) -> tuple[float, float | None]:
-        if self.server is None:
-            return time.process_time(), None
-        tree = [self.server, *self.server.children(recursive=True)]
-        return time.process_time(), sum(sum(p.cpu_times()[:2]) for p in tree)
-
-    @staticmethod
-    def per_request(before: tuple, after: tuple, n: int) -> tuple[float | None, float | None]:
-        ms = lambda a, b: None if a is None or not n else round(1e3 * (b - a) / n, 2)  # noqa: E731
-        return ms(before[0], after[0]), ms(before[1], after[1])
 
 
 def _low_schedule(config: LoadConfig) -> np.ndarray:
@@ -296,49 +207,18 @@ def _ramp(config: LoadConfig) -> Iterator[float]:
         rate *= config.ramp_factor
 
 
-def poisson_schedule(rate: float, duration_s: float, max_requests: int, seed: int) -> np.ndarray:
-    """Send times (s) of a Poisson stream: exponential gaps of mean 1/rate, within duration_s and max_requests."""
-    rng = np.random.default_rng([seed, round(rate * 1000)])
-    times = np.cumsum(rng.exponential(1 / rate, size=max_requests))
-    return times[times < duration_s]
-
-
-@dataclass
-class Sample:
-    latency_s: float  # scheduled send time -> response (or failure)
-    status: int | str  # HTTP status, or "timeout" / "error" when no response came
-
-
-async def fire(client: httpx.AsyncClient, schedule: np.ndarray, texts: list[str]) -> list[Sample]:
-    """Open loop: request i goes out at schedule[i] whatever happened to the earlier ones."""
-    loop = asyncio.get_running_loop()
-    start = loop.time() + 0.05  # time to create the tasks before the first send
-
-    async def one(at: float, text: str) -> Sample:
-        await asyncio.sleep(max(0.0, start + at - loop.time()))
-        status = await _post(client, text)
-        return Sample(loop.time() - (start + at), status)
-
-    return await asyncio.gather(*(one(at, texts[i % len(texts)]) for i, at in enumerate(schedule)))
-
-
-async def _post(client: httpx.AsyncClient, text: str) -> int | str:
-    try:
-        return (await client.post("/classify", json={"texts": [text]})).status_code
-    except httpx.TimeoutException:
-        return "timeout"
-    except httpx.HTTPError:
-        return "error"
-
-
-async def _model_calls(client: httpx.AsyncClient) -> dict[str, float]:
+async def _model_calls(client) -> dict[str, float]:
     """Model calls, texts and model seconds (tokenize + ONNX Runtime) so far, from the service's metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    wanted = {"trimserve_batch_size_count": "calls", "trimserve_batch_size_sum": "texts",
-              "trimserve_tokenize_seconds_sum": "model_s", "trimserve_inference_seconds_sum": "model_s"}
+    wanted = {
+        "trimserve_batch_size_count": "calls",
+        "trimserve_batch_size_sum": "texts",
+        "trimserve_tokenize_seconds_sum": "model_s",
+        "trimserve_inference_seconds_sum": "model_s",
+    }
     totals = dict.fromkeys(wanted.values(), 0.0)
-    for family in text_string_to_metric_families((await client.get("/metrics")).text):
+    for family in text_string_to_metric_families(await metrics_text(client)):
         for s in family.samples:
             if s.name in wanted:
                 totals[wanted[s.name]] += s.value
@@ -347,47 +227,15 @@ async def _model_calls(client: httpx.AsyncClient) -> dict[str, float]:
 
 def _delta(before: dict, after: dict) -> dict:
     calls, texts, model_s = (after[k] - before[k] for k in ("calls", "texts", "model_s"))
-    return {"calls": int(calls), "texts": int(texts), "mean_batch": round(texts / calls, 2) if calls else None,
-            "model_ms_per_text": round(1e3 * model_s / texts, 2) if texts else None}
+    return {
+        "calls": int(calls),
+        "texts": int(texts),
+        "mean_batch": round(texts / calls, 2) if calls else None,
+        "model_ms_per_text": round(1e3 * model_s / texts, 2) if texts else None,
+    }
 
 
 # --- statistics ---------------------------------------------------------------------------------
-
-@dataclass
-class RateResult:
-    offered_rps: float
-    sent: int
-    ok: int  # 200s
-    non_200: dict[str, int]  # status code -> count (429 overload, 503 deadline, 504 timeout...)
-    errors: int  # no response: client timeout or connection error
-    throughput_rps: float  # 200s per second of the window (first send to last response)
-    p50_ms: float | None  # latency percentiles of the 200s
-    p90_ms: float | None
-    p99_ms: float | None
-    client_cpu_ms: float | None = None  # CPU time per request: the load generator's process...
-    server_cpu_ms: float | None = None  # ...and the server's processes (arbiter and workers)
-
-    @property
-    def error_share(self) -> float:
-        return (self.sent - self.ok) / self.sent if self.sent else 0.0
-
-    def holds(self, p99_bound_ms: float, max_error_share: float) -> bool:
-        return self.p99_ms is not None and self.p99_ms <= p99_bound_ms and self.error_share <= max_error_share
-
-    def to_dict(self, p99_bound_ms: float, max_error_share: float) -> dict:
-        return {**asdict(self), "error_share": round(self.error_share, 4),
-                "holds": self.holds(p99_bound_ms, max_error_share)}
-
-
-def summarize(samples: list[Sample], schedule: np.ndarray, rate: float, duration_s: float) -> RateResult:
-    ok = np.array([s.latency_s for s in samples if s.status == 200]) * 1e3
-    codes = [s.status for s in samples if isinstance(s.status, int) and s.status != 200]
-    non_200 = {str(code): codes.count(code) for code in sorted(set(codes))}
-    errors = sum(1 for s in samples if isinstance(s.status, str))
-    # Arrivals stop at duration_s; the last replies trail behind it.
-    window = float(max([duration_s] + [at + s.latency_s for at, s in zip(schedule, samples)]))
-    p50, p90, p99 = np.percentile(ok, [50, 90, 99], method="inverted_cdf").round(2).tolist() if len(ok) else [None] * 3
-    return RateResult(rate, len(samples), len(ok), non_200, errors, round(len(ok) / window, 2), p50, p90, p99)
 
 
 def sustainable(results: list[RateResult], p99_bound_ms: float, max_error_share: float) -> RateResult | None:
@@ -402,20 +250,23 @@ def sustainable(results: list[RateResult], p99_bound_ms: float, max_error_share:
 
 def _line(r: RateResult) -> str:
     ms = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
-    return (f"{r.offered_rps:g} req/s: {r.sent} sent, {r.throughput_rps:.1f} ok/s, p50 {ms(r.p50_ms)} "
-            f"p90 {ms(r.p90_ms)} p99 {ms(r.p99_ms)} ms, {100 * r.error_share:.1f} % failed {r.non_200 or ''}; "
-            f"CPU/request: client {ms(r.client_cpu_ms)}, server {ms(r.server_cpu_ms)} ms")
+    return (
+        f"{r.offered_rps:g} req/s: {r.sent} sent, {r.throughput_rps:.1f} ok/s, p50 {ms(r.p50_ms)} "
+        f"p90 {ms(r.p90_ms)} p99 {ms(r.p99_ms)} ms, {100 * r.error_share:.1f} % failed {r.non_200 or ''}; "
+        f"CPU/request: client {ms(r.client_cpu_ms)}, server {ms(r.server_cpu_ms)} ms"
+    )
 
 
 # --- the raw session ------------------------------------------------------------------------------
 
-def raw_latency(directory: Path, threads: int, max_length: int, texts: list[str], warmup: int = 20) -> dict:
+
+def raw_latency(target: Target, threads: int, texts: list[str], warmup: int = 20) -> dict:
     """``OnnxClassifier.predict([text])`` in-process, warmed, one sentence after another.
 
     Same session settings as the service's defaults (ServeConfig: spinning off), so the
     difference is the serving path alone.
     """
-    classifier = OnnxClassifier(directory, threads=threads, device="cpu", max_length=max_length, spin=False)
+    classifier = OnnxClassifier.load(target.directory, target.record, threads=threads, device="cpu", spin=False)
     for text in (texts * warmup)[:warmup]:
         classifier.predict([text])
     times = []
@@ -430,25 +281,43 @@ def raw_latency(directory: Path, threads: int, max_length: int, texts: list[str]
 
 # --- the report -----------------------------------------------------------------------------------
 
-def _report(config: LoadConfig, entry: dict, directory: Path, threads: int, modes: dict, raw: dict) -> dict:
-    return {"kind": "trimserve.load", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": machine.describe(), "threads": {"server_ort": threads, "raw_ort": threads, "workers": 1},
-            "cpus": {"server": list(config.server_cpus) or "all", "client": list(config.client_cpus) or "all"},
-            "variant": {"name": entry["name"], "path": str(directory),
-                        "sha256": entry["files"]["model.onnx"]["sha256"]},
-            "client": {"library": f"httpx {httpx.__version__}, asyncio", "host": "same machine as the server",
-                       "texts_per_request": 1}, "versions": _versions(),
-            "config": asdict(config), "modes": modes, "raw": raw, "goals": goals(modes, raw)}
+
+def _report(config: LoadConfig, target: Target, threads: int, modes: dict, raw: dict) -> dict:
+    return {
+        "kind": "trimserve.load",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine.describe(),
+        "threads": {"server_ort": threads, "raw_ort": threads, "workers": 1},
+        "cpus": {"server": list(config.server_cpus) or "all", "client": list(config.client_cpus) or "all"},
+        "variant": {
+            "name": target.entry.name,
+            "path": str(target.directory),
+            "sha256": target.entry.files["model.onnx"]["sha256"],
+        },
+        "client": {
+            "library": f"aiohttp {_version('aiohttp')}, asyncio",
+            "host": "same machine as the server",
+            "texts_per_request": 1,
+        },
+        "versions": _versions(),
+        "config": asdict(config),
+        "modes": modes,
+        "raw": raw,
+        "goals": goals(modes, raw),
+    }
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    with contextlib.suppress(PackageNotFoundError):
+        return version(package)
+    return None
 
 
 def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for package in ("bentoml", "onnxruntime", "onnxruntime-gpu", "httpx"):
-        with contextlib.suppress(PackageNotFoundError):
-            found[package] = version(package)
-    return found
+    found = {p: _version(p) for p in ("bentoml", "onnxruntime", "onnxruntime-gpu", "aiohttp")}
+    return {p: v for p, v in found.items() if v}
 
 
 def goals(modes: dict, raw: dict) -> dict:
@@ -461,10 +330,19 @@ def goals(modes: dict, raw: dict) -> dict:
     overhead = None
     if base.get("status") == "ok" and base["low_load"]["p50_ms"] is not None:
         overhead = round(base["low_load"]["p50_ms"] - raw["p50_ms"], 2)
-    return {"batching_speedup": {"value": speedup, "goal": f">= {GOAL_SPEEDUP:g}x", "sustained_ok_rps": held,
-                                 "met": None if speedup is None else speedup >= GOAL_SPEEDUP},
-            "serving_overhead_ms": {"value": overhead, "goal": f"<= {GOAL_OVERHEAD_MS:g} ms p50 over raw",
-                                    "met": None if overhead is None else overhead <= GOAL_OVERHEAD_MS}}
+    return {
+        "batching_speedup": {
+            "value": speedup,
+            "goal": f">= {GOAL_SPEEDUP:g}x",
+            "sustained_ok_rps": held,
+            "met": None if speedup is None else speedup >= GOAL_SPEEDUP,
+        },
+        "serving_overhead_ms": {
+            "value": overhead,
+            "goal": f"<= {GOAL_OVERHEAD_MS:g} ms p50 over raw",
+            "met": None if overhead is None else overhead <= GOAL_OVERHEAD_MS,
+        },
+    }
 
 
 def _write(report: dict, out: Path) -> None:
@@ -478,33 +356,34 @@ def _write(report: dict, out: Path) -> None:
 
 def markdown(report: dict) -> str:
     config, host = report["config"], report["machine"]
-    lines = [f"# Load test: {report['variant']['name']} served by BentoML (open loop, Poisson arrivals)", "",
-             f"{host['cpu']}, {host['cores']} cores, {report['threads']['server_ort']} ONNX Runtime threads, "
-             f"1 worker; {placement(report['cpus'])}. {config['duration_s']:g} s per rate, one sentence per request; "
-             f"a rate holds when p99 <= {config['p99_bound_ms']:g} ms and <= {100 * config['max_error_share']:g} % "
-             "fail. Latency runs from each request's scheduled send time.", "",
-             "| mode | offered req/s | sent | ok/s | p50 ms | p90 ms | p99 ms | failed | holds "
-             "| CPU ms/req client, server |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Load test: {report['variant']['name']} served by BentoML (open loop, Poisson arrivals)",
+        "",
+        f"{host['cpu']}, {host['cores']} cores, {report['threads']['server_ort']} ONNX Runtime threads, "
+        f"1 worker; {placement(report['cpus'])}. {config['duration_s']:g} s per rate, one sentence per request; "
+        f"a rate holds when p99 <= {config['p99_bound_ms']:g} ms and <= {100 * config['max_error_share']:g} % "
+        "fail. Latency runs from each request's scheduled send time.",
+        "",
+        "| mode | offered req/s | sent | ok/s | p50 ms | p90 ms | p99 ms | failed | holds "
+        "| CPU ms/req client, server |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for mode, result in report["modes"].items():
         lines += _mode_rows(mode, result)
     lines += ["", *_goal_lines(report)]
     return "\n".join(lines) + "\n"
 
 
-def placement(cpus: dict) -> str:
-    if cpus["server"] == "all" and cpus["client"] == "all":
-        return "client on the same machine, sharing its cores"
-    return f"server pinned to cores {cpus['server']}, client to cores {cpus['client']}"
-
-
 def _mode_rows(mode: str, result: dict) -> list[str]:
     if result["status"] != "ok":
         return [f"| {mode} | not measured: {result['reason'].split(';')[0]} | | | | | | | | |"]
     low = {**result["low_load"], "offered_rps": f"{result['low_load']['offered_rps']:g} (low load)"}
-    return [f"| {mode} | {r['offered_rps']} | {r['sent']} | {r['throughput_rps']} | {r['p50_ms']} | {r['p90_ms']} "
-            f"| {r['p99_ms']} | {100 * r['error_share']:.1f} % | {'yes' if r['holds'] else 'no'} "
-            f"| {r['client_cpu_ms']}, {r['server_cpu_ms']} |" for r in [low, *result["sweep"]]]
+    return [
+        f"| {mode} | {r['offered_rps']} | {r['sent']} | {r['throughput_rps']} | {r['p50_ms']} | {r['p90_ms']} "
+        f"| {r['p99_ms']} | {100 * r['error_share']:.1f} % | {'yes' if r['holds'] else 'no'} "
+        f"| {r['client_cpu_ms']}, {r['server_cpu_ms']} |"
+        for r in [low, *result["sweep"]]
+    ]
 
 
 def _goal_lines(report: dict) -> list[str]:
@@ -512,16 +391,21 @@ def _goal_lines(report: dict) -> list[str]:
     for mode, result in report["modes"].items():
         if result["status"] == "ok":
             best, calls = result["sustainable"], result["model_calls"]
-            lines.append(f"- {mode}: sustainable rate {best['offered_rps'] if best else 'none'} req/s "
-                         f"({best['throughput_rps'] if best else 0} sentences/s); sweep made {calls['calls']} model "
-                         f"calls for {calls['texts']} texts (mean batch {calls['mean_batch']}, tokenize + ONNX Runtime "
-                         f"{calls['model_ms_per_text']} ms per text)")
+            lines.append(
+                f"- {mode}: sustainable rate {best['offered_rps'] if best else 'none'} req/s "
+                f"({best['throughput_rps'] if best else 0} sentences/s); sweep made {calls['calls']} model "
+                f"calls for {calls['texts']} texts (mean batch {calls['mean_batch']}, tokenize + ONNX Runtime "
+                f"{calls['model_ms_per_text']} ms per text)"
+            )
     speedup, overhead, raw = report["goals"]["batching_speedup"], report["goals"]["serving_overhead_ms"], report["raw"]
-    lines.append(f"- batching speed-up at the bound: {speedup['value'] or '-'}x (goal {speedup['goal']}): "
-                 f"{_met(speedup['met'])}")
+    lines.append(
+        f"- batching speed-up at the bound: {speedup['value'] or '-'}x (goal {speedup['goal']}): {_met(speedup['met'])}"
+    )
     during = " (timed beside the idle --url server)" if raw["server_running"] else ""
-    lines.append(f"- serving overhead at low load: {overhead['value']} ms p50 over the raw session's "
-                 f"{raw['p50_ms']} ms{during} (goal {overhead['goal']}): {_met(overhead['met'])}")
+    lines.append(
+        f"- serving overhead at low load: {overhead['value']} ms p50 over the raw session's "
+        f"{raw['p50_ms']} ms{during} (goal {overhead['goal']}): {_met(overhead['met'])}"
+    )
     return lines
 
 

@@ -24,7 +24,7 @@ def linear_macs_per_token(config_file: Path, pruning: dict | None) -> int:
     head_dim = hidden // config["num_attention_heads"]
     heads = pruning["heads_per_layer"] if pruning else [config["num_attention_heads"]] * layers
     ffn = pruning["ffn_per_layer"] if pruning else [config["intermediate_size"]] * layers
-    return sum(4 * hidden * h * head_dim + 2 * hidden * f for h, f in zip(heads, ffn))
+    return sum(4 * hidden * h * head_dim + 2 * hidden * f for h, f in zip(heads, ffn, strict=True))
 
 
 def padded_tokens(variant_dir: Path, texts: list[str], batch: int, max_length: int, sort: bool) -> int:
@@ -35,14 +35,18 @@ def padded_tokens(variant_dir: Path, texts: list[str], batch: int, max_length: i
     tokenizer.enable_truncation(max_length)
     tokenizer.no_padding()
     lengths = [len(e.ids) for e in tokenizer.encode_batch(sorted(texts, key=len) if sort else texts)]
-    return sum(len(chunk) * max(chunk) for chunk in (lengths[i:i + batch] for i in range(0, len(lengths), batch)))
+    return sum(len(chunk) * max(chunk) for chunk in (lengths[i : i + batch] for i in range(0, len(lengths), batch)))
 
 
 def nominal_int8_peak(threads: int) -> dict:
     mhz = _cpu_mhz()
     per_cycle = 64 if "avx512_vnni" in cpu_flags() else 32
-    return {"ops_per_s": threads * per_cycle * 2 * mhz * 1e6, "clock_mhz": mhz, "macs_per_cycle_per_core": per_cycle,
-            "formula": f"{threads} cores x {per_cycle} int8 MACs/cycle x 2 ops x {mhz:.0f} MHz"}
+    return {
+        "ops_per_s": threads * per_cycle * 2 * mhz * 1e6,
+        "clock_mhz": mhz,
+        "macs_per_cycle_per_core": per_cycle,
+        "formula": f"{threads} cores x {per_cycle} int8 MACs/cycle x 2 ops x {mhz:.0f} MHz",
+    }
 
 
 def measured_int8_peak(threads: int, m: int = 512, k: int = 1024, n: int = 1024, repeats: int = 20) -> dict:
@@ -52,9 +56,12 @@ def measured_int8_peak(threads: int, m: int = 512, k: int = 1024, n: int = 1024,
     rng = np.random.default_rng(0)
     weight = numpy_helper.from_array(rng.integers(-127, 127, size=(k, n), dtype=np.int8), "B")
     graph = helper.make_graph(
-        [helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "int8_peak",
+        [helper.make_node("MatMulInteger", ["A", "B"], ["Y"])],
+        "int8_peak",
         [helper.make_tensor_value_info("A", TensorProto.UINT8, [m, k])],
-        [helper.make_tensor_value_info("Y", TensorProto.INT32, [m, n])], initializer=[weight])
+        [helper.make_tensor_value_info("Y", TensorProto.INT32, [m, n])],
+        initializer=[weight],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -67,7 +74,12 @@ def measured_int8_peak(threads: int, m: int = 512, k: int = 1024, n: int = 1024,
         start = time.perf_counter()
         session.run(None, {"A": a})
         best = min(best, time.perf_counter() - start)
-    return {"ops_per_s": 2 * m * k * n / best, "shape": [m, k, n], "best_ms": round(best * 1e3, 3), "op": "MatMulInteger"}
+    return {
+        "ops_per_s": 2 * m * k * n / best,
+        "shape": [m, k, n],
+        "best_ms": round(best * 1e3, 3),
+        "op": "MatMulInteger",
+    }
 
 
 def _cpu_mhz() -> float:

@@ -27,57 +27,69 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import httpx
 import numpy as np
 import psutil
 
 from export import machine
-from export.manifest import load_manifest, variant_dir
-from perf import loadgen
-from serve.launch import REPO
+from perf.openloop import (
+    TIMEOUT,
+    Answers,
+    CpuClock,
+    LoadBase,
+    fire,
+    metrics_text,
+    pick_variant,
+    pin,
+    placement,
+    poisson_schedule,
+    scored_sentences,
+    served,
+    session,
+    summarize,
+    warm_up,
+)
+from serve.contract import UserError, run_cli
 from train.cliargs import ConfigParser, add_config_args, config_from_args
-from train.errors import UserError, run_cli
 
 PHASES = ("overload", "soak")
 GOALS = {"soak_errors": 0, "soak_rss_growth": 0.10, "soak_p99_drift": 0.20, "overload_hung": 0}
 
 
 @dataclass(frozen=True)
-class ReliabilityConfig:
-    variants: str = field(default="artifacts/variants", metadata={"help": "variants directory (with manifest.json)"})
-    variant: str | None = field(default=None, metadata={"help": "variant to serve (default: the selected one)"})
-    selected: str = field(default="artifacts/selected.json", metadata={"help": "selection file written by perf/"})
-    load_report: str = field(default="artifacts/perf/load.json", metadata={
-        "help": "loadgen report to take the sustainable rate from (its batching mode)"})
-    sustainable_rps: float | None = field(default=None, metadata={
-        "help": "one replica's sustainable rate, requests/s (default: from --load-report)"})
+class ReliabilityConfig(LoadBase):
+    load_report: str = field(
+        default="artifacts/perf/load.json",
+        metadata={"help": "loadgen report to take the sustainable rate from (its batching mode)"},
+    )
+    sustainable_rps: float | None = field(
+        default=None, metadata={"help": "one replica's sustainable rate, requests/s (default: from --load-report)"}
+    )
     phases: tuple[str, ...] = field(default=PHASES, metadata={"help": "what to run"})
     overload_factor: float = field(default=2.0, metadata={"help": "overload: offered rate / sustainable rate"})
     overload_s: float = field(default=30.0, metadata={"help": "overload: seconds of arrivals"})
-    hang_s: float = field(default=30.0, metadata={"help": "a request with no answer after this long is hung"})
+    hang_s: float = field(default=30.0, metadata={"help": "overload: a request with no answer after this long is hung"})
     soak_share: float = field(default=0.7, metadata={"help": "soak: offered rate / sustainable rate"})
     soak_s: float = field(default=600.0, metadata={"help": "soak: seconds of arrivals"})
     window_s: float = field(default=60.0, metadata={"help": "soak: p99 and RSS per window of this many seconds"})
     rss_every_s: float = field(default=5.0, metadata={"help": "seconds between samples of the server's RSS"})
-    timeout_s: float = field(default=5.0, metadata={"help": "soak: a slower request counts as an error"})
-    connections: int = field(default=256, metadata={
-        "help": "client connections: above the server's admission limit, so the server's 503s are what limits; "
-                "thousands of them cost the client (on the same cores) more CPU than the server"})
-    warmup_requests: int = field(default=48, metadata={"help": "untimed requests after start, 8 at a time"})
-    threads: int = field(default=0, metadata={"help": "ONNX Runtime threads in the server (0: all cores)"})
-    server_env: tuple[str, ...] = field(default=(), metadata={
-        "help": "extra TRIMSERVE_*=value settings for the server, e.g. TRIMSERVE_MAX_CONCURRENCY=16"})
-    seed: int = field(default=0, metadata={"help": "arrival times and sentence order"})
-    server_cpus: tuple[int, ...] = field(default=(), metadata={"help": "pin the server to these cores"})
-    client_cpus: tuple[int, ...] = field(default=(), metadata={"help": "pin this load generator to these cores"})
-    working_dir: str = field(default=str(REPO), metadata={"help": "checkout whose serve/ is started"})
-    output: str = field(default="artifacts/perf", metadata={"help": "report directory"})
+    server_env: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "extra TRIMSERVE_*=value settings for the server, e.g. TRIMSERVE_MAX_CONCURRENCY=16"},
+    )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.phases or set(self.phases) - set(PHASES):
             raise UserError(f"--phases {' '.join(self.phases)} is not valid: expected some of {', '.join(PHASES)}")
-        if min(self.overload_factor, self.overload_s, self.hang_s, self.soak_share, self.soak_s, self.window_s,
-               self.rss_every_s, self.timeout_s) <= 0 or (self.sustainable_rps is not None and self.sustainable_rps <= 0):
+        if min(
+            self.overload_factor,
+            self.overload_s,
+            self.hang_s,
+            self.soak_share,
+            self.soak_s,
+            self.window_s,
+            self.rss_every_s,
+        ) <= 0 or (self.sustainable_rps is not None and self.sustainable_rps <= 0):
             raise UserError("rates, shares, factors and durations must be > 0")
         bad = [s for s in self.server_env if "=" not in s or not s.startswith("TRIMSERVE_")]
         if bad:
@@ -91,30 +103,34 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run(config: ReliabilityConfig) -> dict:
-    manifest = load_manifest(Path(config.variants))
-    entry = loadgen.pick_variant(manifest, config)
-    directory = variant_dir(manifest, entry)
-    texts = loadgen.scored_sentences(manifest, config.seed)
+    target = pick_variant(config)
+    texts = scored_sentences(target.manifest, config.seed)
     sustainable = config.sustainable_rps or _sustainable_from(Path(config.load_report))
-    threads = loadgen.ort_threads(config.threads, config.server_cpus)
-    loadgen.pin(config.client_cpus)
-    env = {"TRIMSERVE_VARIANT_DIR": str(directory.resolve()),
-           "TRIMSERVE_MANIFEST": str(Path(manifest["_root"]).resolve() / "manifest.json"),
-           "TRIMSERVE_THREADS": str(threads), **dict(s.split("=", 1) for s in config.server_env)}
-    print(f"reliability: {entry['name']}, sustainable {sustainable:g} req/s, {threads} ONNX Runtime threads")
+    threads = config.thread_count
+    pin(config.client_cpus)
+    env = {**target.server_env(threads), **dict(s.split("=", 1) for s in config.server_env)}
+    print(f"reliability: {target.entry.name}, sustainable {sustainable:g} req/s, {threads} ONNX Runtime threads")
     phases = {}
     for phase in config.phases:
         rate = sustainable * (config.overload_factor if phase == "overload" else config.soak_share)
         duration = config.overload_s if phase == "overload" else config.soak_s
         timeout = config.hang_s if phase == "overload" else config.timeout_s
-        with loadgen.served(env, config.working_dir, config.server_cpus) as (url, key, pid):
+        with served(env, config.working_dir, config.server_cpus) as (url, key, pid):
             raw = asyncio.run(_phase(url, key, pid, texts, rate, duration, timeout, config))
         phases[phase] = (_overload if phase == "overload" else _soak)(raw, rate, duration, config)
         print(f"[{phase}] {json.dumps(phases[phase]['summary'])}")
-    report = {"kind": "trimserve.reliability", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "machine": machine.describe(), "variant": entry["name"], "sustainable_rps": sustainable,
-              "server_env": env, "cpus": {"server": list(config.server_cpus) or "all",
-                                          "client": list(config.client_cpus) or "all"}, "config": asdict(config), "phases": phases, "goals": _goals(phases)}
+    report = {
+        "kind": "trimserve.reliability",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine.describe(),
+        "variant": target.entry.name,
+        "sustainable_rps": sustainable,
+        "server_env": env,
+        "cpus": {"server": list(config.server_cpus) or "all", "client": list(config.client_cpus) or "all"},
+        "config": asdict(config),
+        "phases": phases,
+        "goals": _goals(phases),
+    }
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "reliability.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -134,77 +150,47 @@ def _sustainable_from(path: Path) -> float:
 
 # --- one phase against one server -----------------------------------------------------------------
 
-async def _phase(url: str, key: str, pid: int, texts: list[str], rate: float, duration_s: float, timeout_s: float,
-                 config: ReliabilityConfig) -> dict:
+
+async def _phase(
+    url: str,
+    key: str,
+    pid: int,
+    texts: list[str],
+    rate: float,
+    duration_s: float,
+    timeout_s: float,
+    config: ReliabilityConfig,
+) -> dict:
     """Warm up, then the Poisson stream while a task samples the server's RSS."""
-    limits = httpx.Limits(max_connections=config.connections, max_keepalive_connections=config.connections)
-    async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {key}"}, limits=limits,
-                                 timeout=timeout_s) as client:
-        await loadgen.warm_up(client, texts, config.warmup_requests)
-        schedule = loadgen.poisson_schedule(rate, duration_s, 10 ** 7, config.seed)
+    async with session(url, key, config.connections, timeout_s) as client:
+        await warm_up(client, texts, config.warmup_requests)
+        schedule = poisson_schedule(rate, duration_s, 10**7, config.seed)
         rss: list[tuple[float, int]] = []
-        before, cpu = await _server_view(client), loadgen.CpuClock(pid)
+        before, cpu = await _server_view(client), CpuClock(pid)
         cpu_before = cpu.read()
         sampler = asyncio.create_task(_sample_rss(pid, config.rss_every_s, rss))
-        samples = await fire(url, key, schedule, texts, timeout_s, config.connections)
+        answers = await fire(client, schedule, texts)
         sampler.cancel()
         rss.append((time.monotonic(), _tree_rss(pid)))
         server = _server_delta(before, await _server_view(client))
         server["client_cpu_ms_per_request"], server["server_cpu_ms_per_request"] = cpu.per_request(
-            cpu_before, cpu.read(), len(samples))
+            cpu_before, cpu.read(), len(schedule)
+        )
     start = rss[0][0] if rss else time.monotonic()
-    return {"schedule": schedule, "samples": samples, "rss": [(round(t - start, 1), b) for t, b in rss],
-            "server": server}
+    return {
+        "schedule": schedule,
+        "answers": answers,
+        "rss": [(round(t - start, 1), b) for t, b in rss],
+        "server": server,
+    }
 
 
-async def fire(url: str, key: str, schedule: np.ndarray, texts: list[str], timeout_s: float,
-               connections: int) -> list[loadgen.Sample]:
-    """loadgen.fire with aiohttp: past ~100 requests/s httpx took 10 ms of CPU per request here
-    (its pool gets slower as connections pile up), so the client, not the server, set the pace.
-    ``timeout_s`` is the whole request, waiting for a connection included."""
-    import aiohttp
-
-    loop = asyncio.get_running_loop()
-    connector = aiohttp.TCPConnector(limit=connections)
-    async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s),
-                                     headers={"authorization": f"Bearer {key}"}) as session:
-        start = loop.time() + 0.05
-        # Plain arrays, not an object per request: tens of thousands of live objects made the
-        # client's garbage collector slower and slower over a 10-minute soak (a p99 that drifted
-        # up by 40 % on the client's side alone).
-        latency, status = np.zeros(len(schedule)), np.zeros(len(schedule), dtype=np.int64)  # status 0/-1/-2: see below
-
-        async def one(i: int, text: str) -> None:
-            try:
-                async with session.post("/classify", json={"texts": [text]}) as response:
-                    await response.read()
-                    status[i] = response.status
-            except asyncio.TimeoutError:
-                status[i] = -1
-            except aiohttp.ClientError:
-                status[i] = -2
-            latency[i] = loop.time() - (start + schedule[i])
-
-        # Each request's task is made at its send time: making all 30,000 of a soak up front
-        # kept the client busy for the first second and sent a burst (seen as a slow first minute).
-        pending: set[asyncio.Task] = set()
-        for i, at in enumerate(schedule):
-            await asyncio.sleep(max(0.0, start + at - loop.time()))
-            task = asyncio.create_task(one(i, texts[i % len(texts)]))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-        while pending:
-            await asyncio.wait(set(pending))
-    names = {-1: "timeout", -2: "error"}
-    return [loadgen.Sample(float(t), names.get(int(c), int(c))) for t, c in zip(latency, status)]
-
-
-async def _server_view(client: httpx.AsyncClient) -> dict:
+async def _server_view(client) -> dict:
     """The service's own counts: /classify answers by code and its request-time histogram."""
     from prometheus_client.parser import text_string_to_metric_families
 
     codes, buckets = {}, {}
-    for family in text_string_to_metric_families((await client.get("/metrics")).text):
+    for family in text_string_to_metric_families(await metrics_text(client)):
         for s in family.samples:
             if s.name == "trimserve_requests_total":
                 codes[s.labels["code"]] = s.value
@@ -245,37 +231,65 @@ def _tree_rss(pid: int) -> int:
 
 # --- summaries ----------------------------------------------------------------------------------------
 
+
 def _overload(raw: dict, rate: float, duration_s: float, config: ReliabilityConfig) -> dict:
-    samples = raw["samples"]
-    result = loadgen.summarize(samples, raw["schedule"], rate, duration_s)
-    refused = [s.latency_s for s in samples if s.status in (429, 503)]
-    hung = sum(1 for s in samples if s.status == "timeout")
-    summary = {"offered_rps": round(rate, 1), "sent": result.sent, "answered_share": round(result.ok / result.sent, 4),
-               "ok_rps": result.throughput_rps, "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
-               "refused": result.non_200, "refused_p99_ms": _pct(refused, 99), "connection_errors": result.errors - hung,
-               "hung": hung, "server_saw": raw["server"]}
+    answers: Answers = raw["answers"]
+    result = summarize(answers, raw["schedule"], rate, duration_s)
+    refused = answers.latency_s[np.isin(answers.status, (429, 503))].tolist()
+    hung = int((answers.status == TIMEOUT).sum())
+    summary = {
+        "offered_rps": round(rate, 1),
+        "sent": result.sent,
+        "answered_share": round(result.ok / result.sent, 4),
+        "ok_rps": result.throughput_rps,
+        "p50_ms": result.p50_ms,
+        "p99_ms": result.p99_ms,
+        "refused": result.non_200,
+        "refused_p99_ms": _pct(refused, 99),
+        "connection_errors": result.errors - hung,
+        "hung": hung,
+        "server_saw": raw["server"],
+    }
     return {"summary": summary, "rss_bytes": raw["rss"]}
 
 
 def _soak(raw: dict, rate: float, duration_s: float, config: ReliabilityConfig) -> dict:
-    samples, schedule = raw["samples"], raw["schedule"]
-    result = loadgen.summarize(samples, schedule, rate, duration_s)
+    answers: Answers = raw["answers"]
+    schedule = raw["schedule"]
+    result = summarize(answers, schedule, rate, duration_s)
     windows = []
     for w in range(int(np.ceil(duration_s / config.window_s))):
-        inside = [s for at, s in zip(schedule, samples) if w * config.window_s <= at < (w + 1) * config.window_s]
-        ok = [s.latency_s for s in inside if s.status == 200]
+        inside = (schedule >= w * config.window_s) & (schedule < (w + 1) * config.window_s)
+        ok = answers.latency_s[inside & (answers.status == 200)].tolist()
         rss = [b for t, b in raw["rss"] if w * config.window_s <= t < (w + 1) * config.window_s]
-        windows.append({"start_s": w * config.window_s, "sent": len(inside), "errors": len(inside) - len(ok),
-                        "p50_ms": _pct(ok, 50), "p99_ms": _pct(ok, 99), "rss_mb": round(max(rss) / 2 ** 20, 1) if rss else None})
+        windows.append(
+            {
+                "start_s": w * config.window_s,
+                "sent": int(inside.sum()),
+                "errors": int(inside.sum()) - len(ok),
+                "p50_ms": _pct(ok, 50),
+                "p99_ms": _pct(ok, 99),
+                "rss_mb": round(max(rss) / 2**20, 1) if rss else None,
+            }
+        )
     full = [w for w in windows if w["p99_ms"] is not None]
     rss_start, rss_end = raw["rss"][0][1], raw["rss"][-1][1]
-    summary = {"offered_rps": round(rate, 1), "duration_s": duration_s, "sent": result.sent,
-               "errors": result.sent - result.ok, "error_codes": result.non_200, "p50_ms": result.p50_ms,
-               "p99_ms": result.p99_ms, "rss_start_mb": round(rss_start / 2 ** 20, 1),
-               "rss_end_mb": round(rss_end / 2 ** 20, 1), "rss_growth": round(rss_end / rss_start - 1, 4),
-               "p99_first_window_ms": full[0]["p99_ms"] if full else None,
-               "p99_last_window_ms": full[-1]["p99_ms"] if full else None, **p99_drift(windows),
-               "server_saw": raw["server"]}
+    summary = {
+        "offered_rps": round(rate, 1),
+        "duration_s": duration_s,
+        "sent": result.sent,
+        "errors": result.sent - result.ok,
+        "error_codes": result.non_200,
+        "p50_ms": result.p50_ms,
+        "p99_ms": result.p99_ms,
+        "rss_start_mb": round(rss_start / 2**20, 1),
+        "rss_end_mb": round(rss_end / 2**20, 1),
+        "rss_growth": round(rss_end / rss_start - 1, 4),
+        "p99_first_window_ms": full[0]["p99_ms"] if full else None,
+        "p99_last_window_ms": full[-1]["p99_ms"] if full else None,
+        **p99_drift(windows),
+        "server_saw": raw["server"],
+    }
     return {"summary": summary, "windows": windows, "rss_bytes": raw["rss"]}
 
 
@@ -287,9 +301,12 @@ def p99_drift(windows: list[dict]) -> dict:
     p99s = [w["p99_ms"] for w in windows if w["p99_ms"] is not None]
     if len(p99s) < 2:
         return {"p99_first_half_ms": None, "p99_second_half_ms": None, "p99_drift": None}
-    first, second = float(np.median(p99s[: len(p99s) // 2])), float(np.median(p99s[len(p99s) // 2:]))
-    return {"p99_first_half_ms": round(first, 2), "p99_second_half_ms": round(second, 2),
-            "p99_drift": round(second / first - 1, 4)}
+    first, second = float(np.median(p99s[: len(p99s) // 2])), float(np.median(p99s[len(p99s) // 2 :]))
+    return {
+        "p99_first_half_ms": round(first, 2),
+        "p99_second_half_ms": round(second, 2),
+        "p99_drift": round(second / first - 1, 4),
+    }
 
 
 def _pct(latencies_s: list[float], q: float) -> float | None:
@@ -306,50 +323,72 @@ def _goals(phases: dict) -> dict:
     if "soak" in phases:
         s = phases["soak"]["summary"]
         goals["soak_errors"] = {"value": s["errors"], "goal": "0", "met": s["errors"] == GOALS["soak_errors"]}
-        goals["soak_rss_growth"] = {"value": s["rss_growth"], "goal": "< 10 %",
-                                    "met": s["rss_growth"] < GOALS["soak_rss_growth"]}
+        goals["soak_rss_growth"] = {
+            "value": s["rss_growth"],
+            "goal": "< 10 %",
+            "met": s["rss_growth"] < GOALS["soak_rss_growth"],
+        }
         drift = s["p99_drift"]
-        goals["soak_p99_drift"] = {"value": drift, "goal": "< 20 %",
-                                   "met": None if drift is None else drift < GOALS["soak_p99_drift"]}
+        goals["soak_p99_drift"] = {
+            "value": drift,
+            "goal": "< 20 %",
+            "met": None if drift is None else drift < GOALS["soak_p99_drift"],
+        }
     return goals
 
 
 def markdown(report: dict) -> str:
     host, lines = report["machine"], [f"# Reliability: {report['variant']} served by BentoML", ""]
-    lines.append(f"{host['cpu']}, {host['cores']} cores; {loadgen.placement(report['cpus'])}; sustainable rate "
-                 f"{report['sustainable_rps']:g} req/s (p99 <= 100 ms, from loadgen). Open-loop Poisson arrivals, one "
-                 "sentence per request, latency from the scheduled send time.")
+    lines.append(
+        f"{host['cpu']}, {host['cores']} cores; {placement(report['cpus'])}; sustainable rate "
+        f"{report['sustainable_rps']:g} req/s (p99 <= 100 ms, from loadgen). Open-loop Poisson arrivals, one "
+        "sentence per request, latency from the scheduled send time."
+    )
     if "overload" in report["phases"]:
         s = report["phases"]["overload"]["summary"]
-        lines += ["", f"## Overload: {s['offered_rps']} req/s ({report['config']['overload_factor']:g}x) for "
-                      f"{report['config']['overload_s']:g} s", "",
-                  f"- sent {s['sent']}, answered 200: {100 * s['answered_share']:.1f} % ({s['ok_rps']} req/s); "
-                  f"p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms of the answered",
-                  f"- refused: {s['refused'] or 'none'} (p99 time to the refusal {s['refused_p99_ms']} ms); "
-                  f"connection errors {s['connection_errors']}; hung (no answer in {report['config']['hang_s']:g} s): "
-                  f"{s['hung']}",
-                  f"- the server's own view (trimserve_requests_total, trimserve_request_seconds): {s['server_saw']['codes']}, "
-                  f"p50 <= {s['server_saw']['p50_ms_at_most']} ms, p99 <= {s['server_saw']['p99_ms_at_most']} ms "
-                  "(bucket bounds; time from its middleware to the answer, so without the kernel's accept queue)",
-                  f"- CPU per request: client {s['server_saw']['client_cpu_ms_per_request']} ms, server "
-                  f"{s['server_saw']['server_cpu_ms_per_request']} ms"]
+        lines += [
+            "",
+            f"## Overload: {s['offered_rps']} req/s ({report['config']['overload_factor']:g}x) for "
+            f"{report['config']['overload_s']:g} s",
+            "",
+            f"- sent {s['sent']}, answered 200: {100 * s['answered_share']:.1f} % ({s['ok_rps']} req/s); "
+            f"p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms of the answered",
+            f"- refused: {s['refused'] or 'none'} (p99 time to the refusal {s['refused_p99_ms']} ms); "
+            f"connection errors {s['connection_errors']}; hung (no answer in {report['config']['hang_s']:g} s): "
+            f"{s['hung']}",
+            "- the server's own view (trimserve_requests_total, trimserve_request_seconds): "
+            f"{s['server_saw']['codes']}, "
+            f"p50 <= {s['server_saw']['p50_ms_at_most']} ms, p99 <= {s['server_saw']['p99_ms_at_most']} ms "
+            "(bucket bounds; time from its middleware to the answer, so without the kernel's accept queue)",
+            f"- CPU per request: client {s['server_saw']['client_cpu_ms_per_request']} ms, server "
+            f"{s['server_saw']['server_cpu_ms_per_request']} ms",
+        ]
     if "soak" in report["phases"]:
         s = report["phases"]["soak"]["summary"]
         drift = "-" if s["p99_drift"] is None else f"{100 * s['p99_drift']:+.1f} %"
-        lines += ["", f"## Soak: {s['offered_rps']} req/s ({100 * report['config']['soak_share']:g} %) for "
-                      f"{s['duration_s']:g} s", "",
-                  f"- sent {s['sent']}, errors {s['errors']} {s['error_codes'] or ''}; p50 {s['p50_ms']} ms, "
-                  f"p99 {s['p99_ms']} ms",
-                  f"- server RSS {s['rss_start_mb']} MB -> {s['rss_end_mb']} MB ({100 * s['rss_growth']:+.1f} %)",
-                  f"- p99 drift (median of the per-window p99s, second half against first half): "
-                  f"{s['p99_first_half_ms']} -> {s['p99_second_half_ms']} ms ({drift}); first window "
-                  f"{s['p99_first_window_ms']} ms, last {s['p99_last_window_ms']} ms",
-                  "", "| window start s | sent | errors | p50 ms | p99 ms | max RSS MB |", "|---|---|---|---|---|---|"]
-        lines += [f"| {w['start_s']:g} | {w['sent']} | {w['errors']} | {w['p50_ms']} | {w['p99_ms']} | {w['rss_mb']} |"
-                  for w in report["phases"]["soak"]["windows"]]
-    lines += ["", "Goals:"] + [f"- {name}: {g['value']} (goal {g['goal']}): "
-                               f"{'not measured' if g['met'] is None else 'met' if g['met'] else 'NOT met'}"
-                               for name, g in report["goals"].items()]
+        lines += [
+            "",
+            f"## Soak: {s['offered_rps']} req/s ({100 * report['config']['soak_share']:g} %) for {s['duration_s']:g} s",
+            "",
+            f"- sent {s['sent']}, errors {s['errors']} {s['error_codes'] or ''}; p50 {s['p50_ms']} ms, "
+            f"p99 {s['p99_ms']} ms",
+            f"- server RSS {s['rss_start_mb']} MB -> {s['rss_end_mb']} MB ({100 * s['rss_growth']:+.1f} %)",
+            f"- p99 drift (median of the per-window p99s, second half against first half): "
+            f"{s['p99_first_half_ms']} -> {s['p99_second_half_ms']} ms ({drift}); first window "
+            f"{s['p99_first_window_ms']} ms, last {s['p99_last_window_ms']} ms",
+            "",
+            "| window start s | sent | errors | p50 ms | p99 ms | max RSS MB |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {w['start_s']:g} | {w['sent']} | {w['errors']} | {w['p50_ms']} | {w['p99_ms']} | {w['rss_mb']} |"
+            for w in report["phases"]["soak"]["windows"]
+        ]
+    lines += ["", "Goals:"] + [
+        f"- {name}: {g['value']} (goal {g['goal']}): "
+        f"{'not measured' if g['met'] is None else 'met' if g['met'] else 'NOT met'}"
+        for name, g in report["goals"].items()
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -15,12 +15,17 @@ def add_ratios(results: dict, baseline_a: str, baseline_b: str) -> None:
             if "single_stream" in entry:
                 for stat in ("p50", "p90", "p99", "mean"):
                     ratios[f"single_stream_{stat}_{tag}"] = round(
-                        base["single_stream"][f"{stat}_ms"] / entry["single_stream"][f"{stat}_ms"], 2)
+                        base["single_stream"][f"{stat}_ms"] / entry["single_stream"][f"{stat}_ms"], 2
+                    )
             if "offline" in entry:
                 for b, fig in entry["offline"].items():
-                    ratios[f"offline_b{b}_{tag}"] = round(fig["sentences_per_s"] / base["offline"][b]["sentences_per_s"], 2)
+                    ratios[f"offline_b{b}_{tag}"] = round(
+                        fig["sentences_per_s"] / base["offline"][b]["sentences_per_s"], 2
+                    )
             if "sweep" in entry and tag == "vs_a":
-                ratios["sweep_vs_a"] = {k: round(base["sweep"][k]["p50_ms"] / v["p50_ms"], 2) for k, v in entry["sweep"].items()}
+                ratios["sweep_vs_a"] = {
+                    k: round(base["sweep"][k]["p50_ms"] / v["p50_ms"], 2) for k, v in entry["sweep"].items()
+                }
         entry["speedup"] = ratios
 
 
@@ -50,9 +55,17 @@ def markdown_table(results: dict) -> str:
     for e in results["entries"]:
         ss, sp = e.get("single_stream", {}), e.get("speedup", {})
         name = f"**{e['name']}** (selected)" if e["name"] == selected else e["name"]
-        cells = [name, f"{e['accuracy']['accuracy']:.4f}", f"{e['accuracy']['macro_f1']:.4f}", f"{e['bytes'] / 1e6:.1f}",
-                 _f(ss.get("p50_ms")), _f(ss.get("p90_ms")), _f(ss.get("p99_ms")),
-                 _x(sp.get("single_stream_p50_vs_a")), _x(sp.get("single_stream_p50_vs_b"))]
+        cells = [
+            name,
+            f"{e['accuracy']['accuracy']:.4f}",
+            f"{e['accuracy']['macro_f1']:.4f}",
+            f"{e['bytes'] / 1e6:.1f}",
+            _f(ss.get("p50_ms")),
+            _f(ss.get("p90_ms")),
+            _f(ss.get("p99_ms")),
+            _x(sp.get("single_stream_p50_vs_a")),
+            _x(sp.get("single_stream_p50_vs_b")),
+        ]
         cells += [_f(e.get("offline", {}).get(b, {}).get("sentences_per_s"), 0) for b in offline_batches]
         cells += [_f(e.get("memory", {}).get("peak_rss_mb"), 0), "yes" if e.get("pareto") else ""]
         rows.append("| " + " | ".join(cells) + " |")
@@ -74,23 +87,35 @@ def markdown(results: dict) -> str:
     m = results["machine"]
     sel = results["selection"]
     lines = [
-        "# trimserve perf report", "",
+        "# trimserve perf report",
+        "",
         f"{results['created']} on {m['cpu']} ({m['arch']}, {m['cores']} cores, {m['threads']} threads used), "
-        f"flags: {' '.join(m['flags'])}.", "",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".", "",
-        f"Method: {results['method']}", "",
-        markdown_table(results), "",
+        f"flags: {' '.join(m['flags'])}.",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
+        "",
+        f"Method: {results['method']}",
+        "",
+        markdown_table(results),
+        "",
         f"Selected: **{sel['variant']}**: fastest SingleStream p50 among variants with test accuracy >= "
         f"{sel['budget']} x onnx-fp32 ({sel['reference_accuracy']:.4f}) = {sel['accuracy_floor']:.4f}"
-        + ("" if sel["budget_met"] else " (no variant met the budget: onnx-fp32 chosen)") + ".", "",
+        + ("" if sel["budget_met"] else " (no variant met the budget: onnx-fp32 chosen)")
+        + ".",
+        "",
     ]
     if "achieved_int8_gops" in results.get("int8_efficiency", {}):
         ie = results["int8_efficiency"]
-        lines += [f"Int8 efficiency of {ie['variant']} at Offline batch 32: {ie['achieved_int8_gops']} G int8 ops/s "
-                  f"({ie['linear_macs_per_token']:,} linear MACs/token x {ie['padded_tokens_per_sentence']} padded tokens/sentence "
-                  f"x {ie['sentences_per_s']} sentences/s x 2) = {ie['share_of_nominal_peak']:.1%} of the nominal int8 peak "
-                  f"({ie['nominal_peak_gops']} G ops/s: {ie['nominal_peak']['formula']}) and {ie['share_of_measured_peak']:.1%} "
-                  f"of the measured MatMulInteger peak ({ie['measured_peak_gops']} G ops/s).", ""]
+        lines += [
+            f"Int8 efficiency of {ie['variant']} at Offline batch 32: {ie['achieved_int8_gops']} G int8 ops/s "
+            f"({ie['linear_macs_per_token']:,} linear MACs/token x "
+            f"{ie['padded_tokens_per_sentence']} padded tokens/sentence "
+            f"x {ie['sentences_per_s']} sentences/s x 2) = {ie['share_of_nominal_peak']:.1%} of the nominal int8 peak "
+            f"({ie['nominal_peak_gops']} G ops/s: {ie['nominal_peak']['formula']}) "
+            f"and {ie['share_of_measured_peak']:.1%} "
+            f"of the measured MatMulInteger peak ({ie['measured_peak_gops']} G ops/s).",
+            "",
+        ]
     sweep = sweep_table(results)
     if sweep:
         lines += ["Shape sweep, model only, p50 ms (batch x sequence length):", "", sweep, ""]
@@ -108,18 +133,26 @@ def plot(results: dict, path: Path) -> None:
     for e in entries:
         color = "tab:gray" if e["kind"] == "baseline" else ("tab:red" if e["pareto"] else "tab:blue")
         ax.scatter(e["single_stream"]["p50_ms"], e["accuracy"]["accuracy"], color=color, s=50, zorder=3)
-        ax.annotate(e["name"], (e["single_stream"]["p50_ms"], e["accuracy"]["accuracy"]), textcoords="offset points",
-                    xytext=(5, 5), fontsize=8)
+        ax.annotate(
+            e["name"],
+            (e["single_stream"]["p50_ms"], e["accuracy"]["accuracy"]),
+            textcoords="offset points",
+            xytext=(5, 5),
+            fontsize=8,
+        )
     front = sorted((e["single_stream"]["p50_ms"], e["accuracy"]["accuracy"]) for e in entries if e["pareto"])
     if front:
-        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:red", lw=1.2,
-                label="Pareto front")
+        ax.step(
+            [p[0] for p in front], [p[1] for p in front], where="post", color="tab:red", lw=1.2, label="Pareto front"
+        )
     floor = results["selection"]["accuracy_floor"]
     ax.axhline(floor, color="tab:green", ls="--", lw=1, label=f"budget: {results['selection']['budget']} x onnx-fp32")
     ax.set_xscale("log")
     ax.set_xlabel("SingleStream p50 latency, ms (log scale; tokenization included)")
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"Latency vs accuracy, {results['machine']['threads']} threads, {results['machine']['cpu']}", fontsize=9)
+    ax.set_title(
+        f"Latency vs accuracy, {results['machine']['threads']} threads, {results['machine']['cpu']}", fontsize=9
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()

@@ -23,11 +23,11 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from serve import metrics
-from serve.guard import reply
+from serve.refusals import reply
 
 HEALTH_PATHS = frozenset({"/livez", "/readyz", "/healthz"})
 DIGEST_PREFIX = "sha256:"
@@ -50,7 +50,7 @@ def parse_keys(lines: Iterable[str]) -> tuple[str, ...]:
         if not line or line.startswith("#"):
             continue
         if line.startswith(DIGEST_PREFIX):
-            hex_part = line[len(DIGEST_PREFIX):].lower()
+            hex_part = line[len(DIGEST_PREFIX) :].lower()
             if len(hex_part) != 64 or any(c not in "0123456789abcdef" for c in hex_part):
                 raise ValueError(f"line {number} starts with {DIGEST_PREFIX} but is not followed by 64 hex digits")
             digests.append(DIGEST_PREFIX + hex_part)
@@ -98,8 +98,12 @@ class KeyStore:
                 raise ValueError("it holds no keys")
         except (OSError, ValueError) as err:
             metrics.KEY_RELOADS.labels(result="error").inc()
-            logger.warning("keys file %s changed but was not usable (%s); keeping the %d keys in use",
-                           self.path, err if isinstance(err, ValueError) else type(err).__name__, len(self.digests))
+            logger.warning(
+                "keys file %s changed but was not usable (%s); keeping the %d keys in use",
+                self.path,
+                err if isinstance(err, ValueError) else type(err).__name__,
+                len(self.digests),
+            )
             return
         self.digests = digests
         metrics.KEY_RELOADS.labels(result="ok").inc()
@@ -156,10 +160,14 @@ class BearerAuth:
         if self.rate_limit is not None:
             wait = self.rate_limit.wait_s(identity)
             if wait > 0:
-                return await reply(send, 429, f"rate limit of {self.rate_limit.rate:g} requests/s for this key "
-                                              "exceeded; retry later", [(b"retry-after", str(math.ceil(wait)).encode())])
+                return await reply(
+                    send,
+                    "rate_limit",
+                    f"rate limit of {self.rate_limit.rate:g} requests/s for this key exceeded; retry later",
+                    [(b"retry-after", str(math.ceil(wait)).encode())],
+                )
         return await self.app(scope, receive, send)
 
 
 async def _reject(send, message: str, challenge_extra: bytes) -> None:
-    await reply(send, 401, message, [(b"www-authenticate", b'Bearer realm="trimserve"' + challenge_extra)])
+    await reply(send, "auth", message, [(b"www-authenticate", b'Bearer realm="trimserve"' + challenge_extra)])

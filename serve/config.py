@@ -12,93 +12,168 @@ import dataclasses
 import json
 import os
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Literal
 
-from export.manifest import MANIFEST, VARIANT_FILE, load_manifest, ok_variants, verify_files
-from serve.classifier import MODEL_FILE
-from train.errors import UserError
+from serve.contract import MODEL_FILE, VARIANT_RECORD, Selection, UserError, VariantRecord, VariantsManifest, read
 
 PREFIX = "TRIMSERVE_"
-# What OnnxClassifier reads: each must have a recorded sha256 to be served.
-NEEDED_FILES = frozenset({MODEL_FILE, "config.json", "tokenizer.json", "tokenizer_config.json"})
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    selected: str = field(default="artifacts/selected.json", metadata={
-        "help": "selection file written by perf/: 'path' is the variant dir (relative to the working directory), "
-                "'files' the sha256 of each file"})
-    variant_dir: str | None = field(default=None, metadata={
-        "help": "serve this variant dir instead of the selection; hashes come from the manifest"})
-    manifest: str | None = field(default=None, metadata={
-        "help": "variants manifest for variant_dir (default: manifest.json beside the variant dir)"})
-    threads: int | None = field(default=None, metadata={
-        "help": "ONNX Runtime intra-op threads per worker (default: CPU cores / workers, so workers don't fight)"})
-    spin: bool = field(default=False, metadata={
-        "help": "let ONNX Runtime's threads busy-wait between calls (lowest latency on an idle, dedicated machine; "
-                "off, they leave the cores to HTTP handling and tokenization)"})
-    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={
-        "help": "auto: CUDA when onnxruntime-gpu sees a GPU, else CPU; cuda: fail unless CUDA is there"})
-    max_batch_size: int = field(default=32, metadata={
-        "help": "texts per model call; bigger batches pay off until the cores are busy (MiniLM fp32, 2 cores: "
-                "17 ms/text alone, 7 ms/text in batches of 32)"})
-    max_latency_ms: int = field(default=500, metadata={
-        "help": "BentoML batching deadline: queued work that would finish later gets 503 at once; keep it several "
-                "times the run time of a full batch"})
-    batching: bool = field(default=True, metadata={
-        "help": "adaptive batching: merge concurrent requests into one model call (up to max_batch_size, within "
-                "max_latency_ms); 0: one model call per request, one at a time per worker (no 503 deadline then)"})
+    selected: str = field(
+        default="artifacts/selected.json",
+        metadata={"help": "selection file written by perf/: the variant and the manifest (by sha256) it belongs to"},
+    )
+    variant_dir: str | None = field(
+        default=None,
+        metadata={"help": "serve this variant dir instead of the selection; hashes come from the manifest"},
+    )
+    manifest: str | None = field(
+        default=None,
+        metadata={"help": "variants manifest for variant_dir (default: manifest.json beside the variant dir)"},
+    )
+    threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "ONNX Runtime intra-op threads per worker (default: CPU cores / workers, so workers don't fight)"
+        },
+    )
+    spin: bool = field(
+        default=False,
+        metadata={
+            "help": "let ONNX Runtime's threads busy-wait between calls (lowest latency on an idle, dedicated machine; "
+            "off, they leave the cores to HTTP handling and tokenization)"
+        },
+    )
+    device: Literal["auto", "cpu", "cuda"] = field(
+        default="auto",
+        metadata={"help": "auto: CUDA when onnxruntime-gpu sees a GPU, else CPU; cuda: fail unless CUDA is there"},
+    )
+    max_batch_size: int = field(
+        default=32,
+        metadata={
+            "help": "texts per model call; bigger batches pay off until the cores are busy (MiniLM fp32, 2 cores: "
+            "17 ms/text alone, 7 ms/text in batches of 32)"
+        },
+    )
+    max_latency_ms: int = field(
+        default=500,
+        metadata={
+            "help": "BentoML batching deadline: queued work that would finish later gets 503 at once; keep it several "
+            "times the run time of a full batch"
+        },
+    )
+    batching: bool = field(
+        default=True,
+        metadata={
+            "help": "adaptive batching: merge concurrent requests into one model call (up to max_batch_size, within "
+            "max_latency_ms); 0: one model call per request, one at a time per worker (no 503 deadline then)"
+        },
+    )
     max_texts_per_request: int = field(default=64, metadata={"help": "more texts in one request gives 400"})
-    max_text_chars: int = field(default=10_000, metadata={
-        "help": "a longer text gives 400; shorter texts over the model's token limit are truncated and counted"})
-    max_concurrency: int = field(default=32, metadata={
-        "help": "requests being classified at once over all workers; one more gets 503 with Retry-After at once "
-                "instead of queueing (one replica here: ~75 requests/s, so 32 waiting is ~0.4 s of work)"})
-    max_lag_ms: float = field(default=200.0, metadata={
-        "help": "new requests get 503 while the event loop runs this far behind (requests waiting unread in socket "
-                "buffers past capacity); 0: off"})
-    max_body_bytes: int = field(default=4 * 1024 * 1024, metadata={
-        "help": "larger request bodies get 413 before they are read (64 texts of 10,000 characters: 0.6 MB in "
-                "ASCII, 2.6 MB in 4-byte UTF-8)"})
+    max_text_chars: int = field(
+        default=10_000,
+        metadata={
+            "help": "a longer text gives 400; shorter texts over the model's token limit are truncated and counted"
+        },
+    )
+    max_concurrency: int = field(
+        default=32,
+        metadata={
+            "help": "requests being classified at once over all workers; one more gets 503 with Retry-After at once "
+            "instead of queueing (one replica here: ~75 requests/s, so 32 waiting is ~0.4 s of work)"
+        },
+    )
+    max_lag_ms: float = field(
+        default=200.0,
+        metadata={
+            "help": "new requests get 503 while the event loop runs this far behind (requests waiting unread in socket "
+            "buffers past capacity); 0: off"
+        },
+    )
+    max_body_bytes: int = field(
+        default=4 * 1024 * 1024,
+        metadata={
+            "help": "larger request bodies get 413 before they are read (64 texts of 10,000 characters: 0.6 MB in "
+            "ASCII, 2.6 MB in 4-byte UTF-8)"
+        },
+    )
     timeout_s: float = field(default=10.0, metadata={"help": "a request still running after this gets 504"})
-    body_timeout_s: float = field(default=5.0, metadata={
-        "help": "a request body not complete after this gets 408 (below timeout_s, whose 504 would come first)"})
+    body_timeout_s: float = field(
+        default=5.0,
+        metadata={
+            "help": "a request body not complete after this gets 408 (below timeout_s, whose 504 would come first)"
+        },
+    )
     workers: int = field(default=1, metadata={"help": "worker processes, each with its own model copy"})
-    api_keys: tuple[str, ...] = field(default=(), repr=False, metadata={
-        "help": "comma-separated bearer keys or sha256:<hex> digests (prefer api_keys_file: env vars show up in "
-                "process listings, and a file can change without a restart)"})
-    api_keys_file: str | None = field(default=None, metadata={
-        "help": "file with one bearer key, or its sha256:<hex> digest (python -m serve hash-key), per line; re-read "
-                "within a second when it changes"})
-    allow_no_auth: bool = field(default=False, metadata={
-        "help": "serve without keys (only behind a gateway that authenticates); without it, no keys refuses to start"})
+    api_keys: tuple[str, ...] = field(
+        default=(),
+        repr=False,
+        metadata={
+            "help": "comma-separated bearer keys or sha256:<hex> digests (prefer api_keys_file: env vars show up in "
+            "process listings, and a file can change without a restart)"
+        },
+    )
+    api_keys_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "file with one bearer key, or its sha256:<hex> digest (python -m serve hash-key), per line; "
+            "re-read "
+            "within a second when it changes"
+        },
+    )
+    allow_no_auth: bool = field(
+        default=False,
+        metadata={
+            "help": "serve without keys (only behind a gateway that authenticates); "
+            "without it, no keys refuses to start"
+        },
+    )
     protect_metrics: bool = field(default=False, metadata={"help": "require a key for /metrics too"})
 
-    rate_limit_rps: float = field(default=0.0, metadata={
-        "help": "per-key requests/s, per worker, over which a key gets 429 with Retry-After (0: no limit)"})
+    rate_limit_rps: float = field(
+        default=0.0,
+        metadata={"help": "per-key requests/s, per worker, over which a key gets 429 with Retry-After (0: no limit)"},
+    )
     rate_limit_burst: int = field(default=20, metadata={"help": "requests a key may send at once above its rate"})
 
     def __post_init__(self) -> None:
-        for name, low in [("max_batch_size", 2), ("max_latency_ms", 1), ("max_texts_per_request", 1),
-                          ("max_text_chars", 1), ("max_concurrency", 1), ("workers", 1), ("threads", 1),
-                          ("max_body_bytes", 1024), ("rate_limit_burst", 1)]:
+        for name, low in [
+            ("max_batch_size", 2),
+            ("max_latency_ms", 1),
+            ("max_texts_per_request", 1),
+            ("max_text_chars", 1),
+            ("max_concurrency", 1),
+            ("workers", 1),
+            ("threads", 1),
+            ("max_body_bytes", 1024),
+            ("rate_limit_burst", 1),
+        ]:
             value = getattr(self, name)
             if value is not None and value < low:
                 raise UserError(f"{env_name(name)}={value!r} is not valid: expected an integer >= {low}")
         if self.max_lag_ms < 0:
             raise UserError(f"{env_name('max_lag_ms')}={self.max_lag_ms!r} is not valid: expected milliseconds >= 0")
         if self.rate_limit_rps < 0:
-            raise UserError(f"{env_name('rate_limit_rps')}={self.rate_limit_rps!r} is not valid: expected requests/s >= 0")
+            raise UserError(
+                f"{env_name('rate_limit_rps')}={self.rate_limit_rps!r} is not valid: expected requests/s >= 0"
+            )
         if self.timeout_s <= 0:
             raise UserError(f"{env_name('timeout_s')}={self.timeout_s!r} is not valid: expected seconds > 0")
         if not 0 < self.body_timeout_s < self.timeout_s:
-            raise UserError(f"{env_name('body_timeout_s')}={self.body_timeout_s!r} is not valid: expected seconds > 0 "
-                            f"and below {env_name('timeout_s')}={self.timeout_s!r}")
+            raise UserError(
+                f"{env_name('body_timeout_s')}={self.body_timeout_s!r} is not valid: expected seconds > 0 "
+                f"and below {env_name('timeout_s')}={self.timeout_s!r}"
+            )
         if not (self.api_keys or self.allow_no_auth):
-            raise UserError(f"no API keys: set {env_name('api_keys_file')} (one key per line) or {env_name('api_keys')}, "
-                            f"or {env_name('allow_no_auth')}=1 to serve without auth behind an authenticating gateway")
+            raise UserError(
+                f"no API keys: set {env_name('api_keys_file')} (one key per line) or {env_name('api_keys')}, "
+                f"or {env_name('allow_no_auth')}=1 to serve without auth behind an authenticating gateway"
+            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServeConfig:
@@ -110,8 +185,11 @@ class ServeConfig:
         if unknown:
             raise UserError(f"unknown variable {unknown[0]}; trimserve reads {', '.join(fields)}")
         # An empty variable counts as unset, as container and Kubernetes manifests often leave them.
-        values = {f.name: _parse(var, environ[var].strip(), hints[f.name])
-                  for var, f in fields.items() if environ.get(var, "").strip()}
+        values = {
+            f.name: _parse(var, environ[var].strip(), hints[f.name])
+            for var, f in fields.items()
+            if environ.get(var, "").strip()
+        }
         if values.get("api_keys_file"):
             if values.get("api_keys"):
                 raise UserError(f"both {env_name('api_keys')} and {env_name('api_keys_file')} are set; set only one")
@@ -157,7 +235,7 @@ def read_keys(path: Path) -> tuple[str, ...]:
     """The keys file's keys as sha256 digests (see serve.auth: plain keys or ``sha256:<hex>`` lines)."""
     from serve.auth import parse_keys
 
-    var = env_name('api_keys_file')
+    var = env_name("api_keys_file")
     if not path.is_file():
         raise UserError(f"{var}={str(path)!r} is not valid: no such file")
     try:
@@ -171,11 +249,11 @@ def read_keys(path: Path) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Variant:
-    """A variant whose files all match their recorded sha256."""
+    """A variant whose files all match their recorded sha256, with its record."""
 
     name: str
     directory: Path
-    max_length: int
+    record: VariantRecord
     model_sha256: str
     files: int
 
@@ -185,49 +263,35 @@ def check_device(config: ServeConfig) -> None:
     import onnxruntime
 
     if config.device == "cuda" and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        raise UserError(f"{env_name('device')}=cuda but this onnxruntime has no CUDAExecutionProvider; "
-                        "install onnxruntime-gpu (pip install .[gpu]) on a machine with CUDA")
+        raise UserError(
+            f"{env_name('device')}=cuda but this onnxruntime has no CUDAExecutionProvider; "
+            "install onnxruntime-gpu (pip install .[gpu]) on a machine with CUDA"
+        )
 
 
 def resolve_variant(config: ServeConfig) -> Variant:
-    """The variant to serve, after checking every file against its recorded sha256."""
+    """The variant to serve, after checking every one of its files against its recorded sha256.
+
+    From the selection file (default), or from ``variant_dir`` and the manifest beside it (or
+    ``manifest``).  Raises UserError naming the file that is missing, changed or inconsistent.
+    """
     if config.variant_dir:
         directory = Path(config.variant_dir)
-        info = _read_json(directory / VARIANT_FILE, f"{env_name('variant_dir')} must name a variant directory")
-        manifest = load_manifest(Path(config.manifest) if config.manifest else directory.parent / MANIFEST)
-        entry = next((v for v in ok_variants(manifest) if v["name"] == info.get("name")), None)
-        if entry is None:
-            raise UserError(f"variant {info.get('name')!r} is not an ok variant of {manifest['_root']}/{MANIFEST}; "
-                            f"set {env_name('manifest')} to the manifest export wrote with it")
-        source, expected = f"{manifest['_root']}/{MANIFEST}", entry["files"]
-        name, max_length = entry["name"], info["max_length"]
+        manifest = read(Path(config.manifest) if config.manifest else directory.parent, VariantsManifest)
+        entry = manifest.entry(_claimed_name(directory))
+        record = manifest.load(entry, directory)
     else:
-        selection = _read_json(Path(config.selected), "run `make perf` (or `python -m perf`) to select a variant, "
-                                                      f"or set {env_name('variant_dir')}")
-        missing = [k for k in ("variant", "path", "files", "max_length") if not selection.get(k)]
-        if missing:
-            raise UserError(f"{config.selected} has no {', '.join(missing)}; re-run perf to write a complete selection")
-        directory, source, expected = Path(selection["path"]), config.selected, selection["files"]
-        name, max_length = selection["variant"], selection["max_length"]
-        if selection.get("manifest"):  # the manifest export wrote is the record; the selection must agree
-            entry = next((v for v in ok_variants(load_manifest(Path(selection["manifest"]))) if v["name"] == name), None)
-            if entry is None or entry["files"] != expected:
-                raise UserError(f"{config.selected} and {selection['manifest']} disagree about {name}; re-run perf")
-    unlisted = sorted(NEEDED_FILES - set(expected))
-    if unlisted:
-        raise UserError(f"{source} records no sha256 for {', '.join(unlisted)} of {name}; re-run export")
-    bad = verify_files(directory, expected)
-    if bad:
-        raise UserError(f"refusing to serve {name} from {directory}: {', '.join(bad)} compared with the sha256 recorded "
-                        f"in {source}; re-export the variant, or point {env_name('selected')} or {env_name('variant_dir')} "
-                        "at the files export wrote")
-    return Variant(name, directory, int(max_length), expected[MODEL_FILE]["sha256"], len(expected))
+        manifest, entry, record = read(config.selected, Selection).resolve()
+        directory = manifest.directory(entry)
+    return Variant(entry.name, directory, record, entry.files[MODEL_FILE]["sha256"], len(entry.files))
 
 
-def _read_json(path: Path, hint: str) -> dict:
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; {hint}")
+def _claimed_name(directory: Path) -> str:
+    """The name a variant directory's record gives itself; it is verified with the other files after."""
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON ({err.msg}); {hint}") from None
+        return str(json.loads((directory / VARIANT_RECORD).read_text())["name"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(
+            f"{directory} holds no readable {VARIANT_RECORD}; {env_name('variant_dir')} must name a "
+            "variant directory written by `python -m export`"
+        ) from None

@@ -16,22 +16,29 @@ One pure ASGI middleware, inside auth (so nobody unauthenticated gets this far):
               middleware: requests wait in socket buffers for the busy event loop to read them,
               which no in-flight count can see.  A timer that measures how late it fires does.
 
-Every refusal is a small JSON body ``{"error": ...}``; RequestMetrics outside counts it.
+Every refusal is one of serve.refusals' types; RequestMetrics outside counts it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 
 from serve import metrics
+from serve.refusals import reply
 
 JSON_TYPES = ("application/json",)
 
 
 class RequestGuard:
-    def __init__(self, app, max_body_bytes: int, max_in_flight: int, body_timeout_s: float = 10.0,
-                 max_lag_s: float = 0.0, path: str = metrics.CLASSIFY_PATH):
+    def __init__(
+        self,
+        app,
+        max_body_bytes: int,
+        max_in_flight: int,
+        body_timeout_s: float = 10.0,
+        max_lag_s: float = 0.0,
+        path: str = metrics.CLASSIFY_PATH,
+    ):
         self.app = app
         self.lag = LoopLag() if max_lag_s > 0 else None
         self.max_lag_s = max_lag_s
@@ -48,29 +55,42 @@ class RequestGuard:
         headers = dict(scope["headers"])  # header names arrive lower-cased
         length = headers.get(b"content-length")
         if length is not None and not length.isdigit():
-            return await reply(send, 400, "Content-Length is not a number")
+            return await reply(send, "validation", "Content-Length is not a number")
         if length is not None and int(length) > self.max_body_bytes:
-            return await reply(send, 413, f"request body of {int(length)} bytes is over the limit of "
-                                          f"{self.max_body_bytes} bytes")
+            return await reply(
+                send,
+                "too_large",
+                f"request body of {int(length)} bytes is over the limit of {self.max_body_bytes} bytes",
+            )
         if scope["path"] != self.path or scope["method"] != "POST":
             return await self.app(scope, receive, send)  # health, metrics, docs; BentoML answers 405 for GET here
         media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         if media_type.decode("latin-1") not in JSON_TYPES:
-            return await reply(send, 415, "send the body as JSON with 'Content-Type: application/json'")
+            return await reply(
+                send, "unsupported_media_type", "send the body as JSON with 'Content-Type: application/json'"
+            )
         try:
             body = await asyncio.wait_for(self._read_body(receive), self.body_timeout_s)
-        except asyncio.TimeoutError:
-            return await reply(send, 408, f"request body not complete within {self.body_timeout_s:g} s")
+        except TimeoutError:
+            return await reply(send, "slow_body", f"request body not complete within {self.body_timeout_s:g} s")
         except ClientGone:
             return None
         if body is None:
-            return await reply(send, 413, f"request body is over the limit of {self.max_body_bytes} bytes")
+            return await reply(send, "too_large", f"request body is over the limit of {self.max_body_bytes} bytes")
         if self.in_flight >= self.max_in_flight:
-            return await reply(send, 503, f"overloaded: {self.max_in_flight} requests in progress; retry shortly",
-                               [(b"retry-after", b"1")])
+            return await reply(
+                send,
+                "overload",
+                f"overloaded: {self.max_in_flight} requests in progress; retry shortly",
+                [(b"retry-after", b"1")],
+            )
         if self.lag is not None and self.lag.seconds() > self.max_lag_s:
-            return await reply(send, 503, f"overloaded: {1e3 * self.lag.seconds():.0f} ms behind; retry shortly",
-                               [(b"retry-after", b"1")])
+            return await reply(
+                send,
+                "overload",
+                f"overloaded: {1e3 * self.lag.seconds():.0f} ms behind; retry shortly",
+                [(b"retry-after", b"1")],
+            )
         self.in_flight += 1
         metrics.IN_FLIGHT.inc()
         try:
@@ -142,11 +162,3 @@ def _replay(body: bytes, receive):
         return await receive()
 
     return replay
-
-
-async def reply(send, status: int, error: str, extra_headers: list[tuple[bytes, bytes]] = ()) -> None:
-    """A small JSON ``{"error": ...}`` response."""
-    body = json.dumps({"error": error}).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra_headers]})
-    await send({"type": "http.response.body", "body": body})

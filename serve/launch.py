@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from train.errors import UserError
+from serve.contract import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,8 +42,15 @@ class ServerProcess:
     other cores does not take the server's CPU time.
     """
 
-    def __init__(self, env: dict[str, str], log: str | Path, working_dir: str | Path = REPO,
-                 home: str | Path | None = None, args: tuple[str, ...] = (), cpus: tuple[int, ...] = ()):
+    def __init__(
+        self,
+        env: dict[str, str],
+        log: str | Path,
+        working_dir: str | Path = REPO,
+        home: str | Path | None = None,
+        args: tuple[str, ...] = (),
+        cpus: tuple[int, ...] = (),
+    ):
         self.log = Path(log)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -52,11 +59,28 @@ class ServerProcess:
         full_env.update(BENTOML_HOME=str(home or self._home.name), BENTOML_DO_NOT_TRACK="True", **env)
         with self.log.open("wb") as out:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "bentoml", "serve", "serve.service:Classifier", "--host", "127.0.0.1",
-                 "--port", str(self.port), "--working-dir", str(working_dir), *args],
-                cwd=working_dir, env=full_env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "bentoml",
+                    "serve",
+                    "serve.service:Classifier",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--working-dir",
+                    str(working_dir),
+                    *args,
+                ],
+                cwd=working_dir,
+                env=full_env,
+                start_new_session=True,
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 # the workers inherit it: the whole server stays on these cores
-                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+            )
         self.pid = self.process.pid
 
     def wait_ready(self, timeout_s: float = 180) -> float:

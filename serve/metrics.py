@@ -15,53 +15,78 @@ from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram, multiprocess
 
+from serve import refusals
+
 MS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
-TOKENIZE_SECONDS = Histogram("trimserve_tokenize_seconds", "Tokenizing one model batch",
-                             buckets=(0.0001, 0.0002, 0.0005,) + MS_BUCKETS[:8])
+TOKENIZE_SECONDS = Histogram(
+    "trimserve_tokenize_seconds",
+    "Tokenizing one model batch",
+    buckets=(
+        0.0001,
+        0.0002,
+        0.0005,
+    )
+    + MS_BUCKETS[:8],
+)
 INFERENCE_SECONDS = Histogram("trimserve_inference_seconds", "ONNX Runtime run of one model batch", buckets=MS_BUCKETS)
-BATCH_SIZE = Histogram("trimserve_batch_size", "Texts per model call (adaptive batching merges requests)",
-                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-INPUT_TOKENS = Histogram("trimserve_input_tokens", "Tokens per text after truncation (sum: tokens processed)",
-                         buckets=(8, 16, 32, 64, 128, 256, 512))
+BATCH_SIZE = Histogram(
+    "trimserve_batch_size",
+    "Texts per model call (adaptive batching merges requests)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+INPUT_TOKENS = Histogram(
+    "trimserve_input_tokens",
+    "Tokens per text after truncation (sum: tokens processed)",
+    buckets=(8, 16, 32, 64, 128, 256, 512),
+)
 TRUNCATED = Counter("trimserve_truncated_texts", "Texts longer than the model's max length, cut to it")
 PREDICTIONS = Counter("trimserve_predictions", "Predictions by predicted label", ["label"])
-REJECTED = Counter("trimserve_rejected_requests", "Requests refused, by reason", ["reason"])
-REQUESTS = Counter("trimserve_requests", "/classify responses by HTTP status code (as trimserve's middleware saw them)",
-                   ["code"])
-REQUEST_SECONDS = Histogram("trimserve_request_seconds", "/classify from trimserve's middleware to the last byte sent",
-                            buckets=MS_BUCKETS + (10.0,))
+REJECTED = Counter("trimserve_rejected_requests", "Requests refused, by reason (serve.refusals.TYPES)", ["reason"])
+REQUESTS = Counter(
+    "trimserve_requests", "/classify responses by HTTP status code (as trimserve's middleware saw them)", ["code"]
+)
+REQUEST_SECONDS = Histogram(
+    "trimserve_request_seconds",
+    "/classify from trimserve's middleware to the last byte sent",
+    buckets=MS_BUCKETS + (10.0,),
+)
 # Gauges in multiprocess mode: "livesum" adds up the workers that are alive, "livemin" is 0
 # while any live worker is not ready. A killed worker's values are removed at the next start
 # (see forget_dead_workers), since it never got to remove them itself.
-IN_FLIGHT = Gauge("trimserve_in_flight_requests", "/classify requests admitted and not yet answered",
-                  multiprocess_mode="livesum")
-IN_FLIGHT_LIMIT = Gauge("trimserve_in_flight_limit", "Admitted /classify requests at most; more get 503",
-                        multiprocess_mode="livesum")
-LOOP_LAG = Gauge("trimserve_event_loop_lag_seconds", "How late the worker's event loop ran its last 20 ms timer "
-                 "(max over workers); past capacity requests queue here, unread", multiprocess_mode="livemax")
-READY = Gauge("trimserve_ready", "1 once the model is loaded and warmed up (min over workers)",
-              multiprocess_mode="livemin")
+IN_FLIGHT = Gauge(
+    "trimserve_in_flight_requests", "/classify requests admitted and not yet answered", multiprocess_mode="livesum"
+)
+IN_FLIGHT_LIMIT = Gauge(
+    "trimserve_in_flight_limit", "Admitted /classify requests at most; more get 503", multiprocess_mode="livesum"
+)
+LOOP_LAG = Gauge(
+    "trimserve_event_loop_lag_seconds",
+    "How late the worker's event loop ran its last 20 ms timer "
+    "(max over workers); past capacity requests queue here, unread",
+    multiprocess_mode="livemax",
+)
+READY = Gauge(
+    "trimserve_ready", "1 once the model is loaded and warmed up (min over workers)", multiprocess_mode="livemin"
+)
 API_KEYS = Gauge("trimserve_api_keys", "Bearer keys accepted now", multiprocess_mode="max")
 KEY_RELOADS = Counter("trimserve_api_key_reloads", "Re-reads of the keys file after it changed, by result", ["result"])
 # An Info metric would be natural, but BentoML's multiprocess collector refuses it;
 # "max" merges the workers' identical values without a per-pid label.
-MODEL_INFO = Gauge("trimserve_model_info", "The variant being served (value 1)", ["variant", "sha256"],
-                   multiprocess_mode="max")
+MODEL_INFO = Gauge(
+    "trimserve_model_info", "The variant being served (value 1)", ["variant", "sha256"], multiprocess_mode="max"
+)
 
-# What a status code says about a rejection. BentoML's own 504 (timeout) is answered outside
-# user middlewares: it shows in bentoml_service_request_total only.
-REASONS = {401: "auth", 403: "auth", 400: "validation", 422: "validation", 408: "slow_body", 413: "too_large",
-           415: "unsupported_media_type", 429: "rate_limit", 503: "overload"}
-for _reason in set(REASONS.values()):
+for _reason in refusals.TYPES:
     REJECTED.labels(reason=_reason)  # export zeros, so rate() works from the first rejection
 for _result in ("ok", "error"):
     KEY_RELOADS.labels(result=_result)
 CLASSIFY_PATH = "/classify"
 
 
-def record_batch(texts: int, tokens_per_text, truncated: int, tokenize_s: float, inference_s: float,
-                 labels: list[str]) -> None:
+def record_batch(
+    texts: int, tokens_per_text, truncated: int, tokenize_s: float, inference_s: float, labels: list[str]
+) -> None:
     """Everything about one model call; ``tokens_per_text`` is an iterable of ints."""
     BATCH_SIZE.observe(texts)
     TOKENIZE_SECONDS.observe(tokenize_s)
@@ -75,32 +100,52 @@ def record_batch(texts: int, tokens_per_text, truncated: int, tokenize_s: float,
 
 
 class RequestMetrics:
-    """Pure ASGI middleware: status, duration and rejection reason of every /classify request.
+    """Pure ASGI middleware, the outermost of trimserve's: every answer is timed, counted and shaped.
 
-    Outermost of trimserve's middlewares, so it sees the 401/429 of auth and the 413/415/503
-    of the request guard as well as the service's own answers.
+    * status and duration of every /classify request, and the refusal type of every 4xx/5xx
+      (it sees the 401/429 of auth and the 413/415/408/503 of the request guard too);
+    * an error body produced by someone else (BentoML's validation errors, its batching
+      deadline, Starlette's 404) is rewritten into serve.refusals' one shape;
+    * a request not answered within ``timeout_s`` gets a 504 ``timeout`` refusal.  BentoML's
+      own traffic timeout sits outside every user middleware, so the service sets it a little
+      later as a backstop, and this one is what clients see.
     """
 
-    def __init__(self, app):
+    def __init__(self, app, timeout_s: float | None = None):
         self.app = app
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), None
+        start, status, held = time.perf_counter(), None, None
 
-        async def watch(message):
-            nonlocal status
+        async def shaped(message):
+            nonlocal status, held
             if message["type"] == "http.response.start":
                 status = message["status"]
-                if status in REASONS:
-                    REJECTED.labels(reason=REASONS[status]).inc()
+                if status >= 400:
+                    REJECTED.labels(reason=refusals.type_for(status)).inc()
+                    held = (message, [])  # small: wait for the whole body to reshape it
+                    return
+            elif held is not None:
+                held[1].append(message.get("body", b""))
+                if message.get("more_body", False):
+                    return
+                message = await _reshaped(send, held, status)
             await send(message)
 
         outcome = None
         try:
-            await self.app(scope, receive, watch)
-        except asyncio.CancelledError:  # BentoML's timeout (it answers 504 itself) or a client gone
+            if self.timeout_s is None:
+                await self.app(scope, receive, shaped)
+            else:
+                await _within(self.app(scope, receive, shaped), self.timeout_s, lambda: status is not None)
+        except TimeoutError:
+            status = refusals.TYPES["timeout"]
+            REJECTED.labels(reason="timeout").inc()
+            await refusals.reply(send, "timeout", f"not answered within {self.timeout_s:g} s")
+        except asyncio.CancelledError:  # the client went away (or BentoML's backstop timeout)
             outcome = "cancelled"
             raise
         except Exception:  # Starlette's error middleware, outside this one, answers 500
@@ -110,6 +155,31 @@ class RequestMetrics:
             if scope["path"] == CLASSIFY_PATH:
                 REQUESTS.labels(code=str(status) if status else outcome or "none").inc()
                 REQUEST_SECONDS.observe(time.perf_counter() - start)
+
+
+async def _within(call, timeout_s: float, started) -> None:
+    """Run ``call``; TimeoutError (having cancelled it) if its response has not started after ``timeout_s``."""
+    task = asyncio.ensure_future(call)
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if not done and not started():
+        task.cancel()
+        raise TimeoutError
+    await task
+
+
+async def _reshaped(send, held: tuple[dict, list[bytes]], status: int) -> dict:
+    """Send the held response start with a reshaped body's length; returns the body message."""
+    start, chunks = held
+    payload = refusals.reshape(status, b"".join(chunks))
+    headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
+    await send(
+        {
+            **start,
+            "headers": headers
+            + [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+        }
+    )
+    return {"type": "http.response.body", "body": payload}
 
 
 def forget_dead_workers() -> None:

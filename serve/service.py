@@ -11,10 +11,11 @@ end; the model itself is the transport-free ``OnnxClassifier``.
     POST /classify  {"texts": ["...", ...]}
     -> [{"label": "fresh", "score": 0.97, "probabilities": {"fresh": 0.97, "rotten": 0.03}}, ...]
 
-Errors are JSON: 400 (validation: empty or whitespace-only text, a non-string, an empty
-list, too many texts, a text over max_text_chars, malformed JSON), 401 (auth), 408 (body
-too slow), 413 (body over max_body_bytes), 415 (not JSON), 429 (per-key rate limit), 503
-(over max_concurrency, or queued past the batching deadline), 504 (timeout).  A text over the
+Every error is ``{"error": {"type", "message", "details"}}`` with a type of
+serve.refusals.TYPES: validation 400 (empty or whitespace-only text, a non-string, an empty
+list, too many texts, a text over max_text_chars, malformed JSON; ``details`` says where),
+auth 401, slow_body 408, too_large 413, unsupported_media_type 415, rate_limit 429, overload
+503 (over max_concurrency, or queued past the batching deadline), timeout 504.  A text over the
 model's token limit is not an error: it is truncated, like at training time, and counted
 in ``trimserve_truncated_texts_total``.  Request texts and keys are never logged.
 """
@@ -35,10 +36,11 @@ from serve import metrics
 from serve.auth import BearerAuth, KeyStore, RateLimiter
 from serve.classifier import OnnxClassifier
 from serve.config import ServeConfig, check_device, resolve_variant
+from serve.contract import UserError
 from serve.guard import RequestGuard
 from serve.metrics import RequestMetrics
-from train.errors import UserError
 
+BACKSTOP_S = 5.0
 logger = logging.getLogger("trimserve.serve")
 logging.getLogger("trimserve").setLevel(logging.INFO)  # BentoML leaves the root logger at WARNING
 
@@ -61,8 +63,14 @@ def _not_blank(text: str) -> str:
 
 
 Text = Annotated[str, StringConstraints(max_length=CONFIG.max_text_chars), AfterValidator(_not_blank)]
-Texts = Annotated[list[Text], Field(min_length=1, max_length=CONFIG.max_texts_per_request,
-                                    description="texts to classify; each is truncated to the model's max tokens")]
+Texts = Annotated[
+    list[Text],
+    Field(
+        min_length=1,
+        max_length=CONFIG.max_texts_per_request,
+        description="texts to classify; each is truncated to the model's max tokens",
+    ),
+]
 
 
 class Prediction(BaseModel):
@@ -73,7 +81,8 @@ class Prediction(BaseModel):
 
 # No BentoML max_concurrency: trimserve's RequestGuard limits admission itself, answering 503
 # with Retry-After and counting it (BentoML's 429 happens outside every user middleware).
-@bentoml.service(workers=CONFIG.workers, traffic={"timeout": CONFIG.timeout_s})
+# BentoML's timeout is only a backstop: RequestMetrics answers timeouts first, in trimserve's shape.
+@bentoml.service(workers=CONFIG.workers, traffic={"timeout": CONFIG.timeout_s + BACKSTOP_S})
 class Classifier:
     """Text classifier exported and selected by trimserve (ONNX Runtime)."""
 
@@ -81,19 +90,26 @@ class Classifier:
         start = time.perf_counter()
         metrics.forget_dead_workers()  # a worker killed earlier left its live gauges behind
         metrics.READY.set(0)
-        self.model = OnnxClassifier(VARIANT.directory, threads=CONFIG.ort_threads, device=CONFIG.device,
-                                    max_length=VARIANT.max_length, spin=CONFIG.spin)
+        self.model = OnnxClassifier.load(
+            VARIANT.directory, VARIANT.record, threads=CONFIG.ort_threads, device=CONFIG.device, spin=CONFIG.spin
+        )
         metrics.MODEL_INFO.labels(variant=VARIANT.name, sha256=VARIANT.model_sha256).set(1)
         self.ready = False
-        logger.info("loaded %s (%d files sha256-verified, max_length %d) on %s with %d threads in %.2f s",
-                    VARIANT.name, VARIANT.files, VARIANT.max_length, self.model.provider, CONFIG.ort_threads,
-                    time.perf_counter() - start)
+        logger.info(
+            "loaded %s (%d files sha256-verified, max_length %d) on %s with %d threads in %.2f s",
+            VARIANT.name,
+            VARIANT.files,
+            VARIANT.record.max_length,
+            self.model.provider,
+            CONFIG.ort_threads,
+            time.perf_counter() - start,
+        )
 
     @bentoml.on_startup
     def warm_up(self) -> None:
         # A full-length batch once, so the first real request does not pay for allocations.
         start = time.perf_counter()
-        self.model.predict(["warm-up"] * (CONFIG.max_batch_size - 1) + ["warm-up " * VARIANT.max_length])
+        self.model.predict(["warm-up"] * (CONFIG.max_batch_size - 1) + ["warm-up " * VARIANT.record.max_length])
         self.ready = True
         metrics.READY.set(1)
         logger.info("warm-up done in %.2f s; ready", time.perf_counter() - start)
@@ -101,8 +117,12 @@ class Classifier:
     def __is_ready__(self) -> bool:
         return self.ready
 
-    @bentoml.api(batchable=CONFIG.batching, batch_dim=0, max_batch_size=CONFIG.max_batch_size,
-                 max_latency_ms=CONFIG.max_latency_ms)
+    @bentoml.api(
+        batchable=CONFIG.batching,
+        batch_dim=0,
+        max_batch_size=CONFIG.max_batch_size,
+        max_latency_ms=CONFIG.max_latency_ms,
+    )
     def classify(self, texts: Texts) -> list[Prediction]:
         """Label, its probability and every class probability for each text, in order."""
         start = time.perf_counter()
@@ -112,10 +132,22 @@ class Classifier:
         done = time.perf_counter()
         # BentoML only checks the number of requests; a short list would slice silently.
         assert len(predictions) == len(texts), (len(predictions), len(texts))
-        metrics.record_batch(len(texts), encoded.inputs["attention_mask"].sum(axis=1), encoded.truncated,
-                             tokenized - start, done - tokenized, [p["label"] for p in predictions])
-        logger.debug("batch of %d texts, %d tokens, %d truncated: tokenize %.1f ms, infer %.1f ms", len(texts),
-                     encoded.tokens, encoded.truncated, 1e3 * (tokenized - start), 1e3 * (done - tokenized))
+        metrics.record_batch(
+            len(texts),
+            encoded.inputs["attention_mask"].sum(axis=1),
+            encoded.truncated,
+            tokenized - start,
+            done - tokenized,
+            [p["label"] for p in predictions],
+        )
+        logger.debug(
+            "batch of %d texts, %d tokens, %d truncated: tokenize %.1f ms, infer %.1f ms",
+            len(texts),
+            encoded.tokens,
+            encoded.truncated,
+            1e3 * (tokenized - start),
+            1e3 * (done - tokenized),
+        )
         return predictions
 
 
@@ -130,11 +162,15 @@ class QuietRejections(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, ValidationError):
-            where = "; ".join(f"{e['type']} at {'.'.join(map(str, e['loc'])) or 'body'}"
-                              for e in error.errors(include_input=False, include_context=False, include_url=False))
+            where = "; ".join(
+                f"{e['type']} at {'.'.join(map(str, e['loc'])) or 'body'}"
+                for e in error.errors(include_input=False, include_context=False, include_url=False)
+            )
             self._one_line(record, "invalid request to", f"400: {where}")
         elif isinstance(error, ServiceUnavailable):
-            self._one_line(record, "overload:", f"503: queued work would miss the {CONFIG.max_latency_ms} ms batching deadline")
+            self._one_line(
+                record, "overload:", f"503: queued work would miss the {CONFIG.max_latency_ms} ms batching deadline"
+            )
         return True
 
     @staticmethod
@@ -147,13 +183,21 @@ class QuietRejections(logging.Filter):
 logging.getLogger("bentoml._internal.server.http_app").addFilter(QuietRejections())
 # Outermost first: RequestMetrics sees every answer, including the 401/429 of auth and the
 # 413/415/408/503 of the guard; auth runs before the guard reads any body.
-Classifier.add_asgi_middleware(RequestMetrics)
+Classifier.add_asgi_middleware(RequestMetrics, timeout_s=CONFIG.timeout_s)
 if CONFIG.api_keys:
     rate_limit = RateLimiter(CONFIG.rate_limit_rps, CONFIG.rate_limit_burst) if CONFIG.rate_limit_rps else None
-    Classifier.add_asgi_middleware(BearerAuth, keys=KeyStore(CONFIG.api_keys, path=CONFIG.api_keys_file),
-                                   protect_metrics=CONFIG.protect_metrics, rate_limit=rate_limit)
+    Classifier.add_asgi_middleware(
+        BearerAuth,
+        keys=KeyStore(CONFIG.api_keys, path=CONFIG.api_keys_file),
+        protect_metrics=CONFIG.protect_metrics,
+        rate_limit=rate_limit,
+    )
 else:
     logger.warning("TRIMSERVE_ALLOW_NO_AUTH is set: serving WITHOUT authentication")
-Classifier.add_asgi_middleware(RequestGuard, max_body_bytes=CONFIG.max_body_bytes,
-                               max_in_flight=math.ceil(CONFIG.max_concurrency / CONFIG.workers),
-                               body_timeout_s=CONFIG.body_timeout_s, max_lag_s=CONFIG.max_lag_ms / 1e3)
+Classifier.add_asgi_middleware(
+    RequestGuard,
+    max_body_bytes=CONFIG.max_body_bytes,
+    max_in_flight=math.ceil(CONFIG.max_concurrency / CONFIG.workers),
+    body_timeout_s=CONFIG.body_timeout_s,
+    max_lag_s=CONFIG.max_lag_ms / 1e3,
+)

@@ -42,10 +42,14 @@ PROBES = {"livenessProbe": ("/livez",), "readinessProbe": ("/readyz",), "startup
 SEVERITIES = {"critical", "warning", "info"}
 # BentoML's own series (bentoml/_internal/server/http/instruments.py, _bentoml_impl/server/app.py).
 BENTOML_METRICS = {
-    "bentoml_service_request_total", "bentoml_service_request_in_progress",
+    "bentoml_service_request_total",
+    "bentoml_service_request_in_progress",
     "bentoml_service_last_request_timestamp_seconds",
-    *(f"bentoml_service_{h}_{s}" for h in ("request_duration_seconds", "adaptive_batch_size")
-      for s in ("bucket", "sum", "count")),
+    *(
+        f"bentoml_service_{h}_{s}"
+        for h in ("request_duration_seconds", "adaptive_batch_size")
+        for s in ("bucket", "sum", "count")
+    ),
 }
 # A metric name, not the middle of a recording rule's name (job:trimserve_x:rate5m).
 METRIC = re.compile(r"(?<![\w:])(?:trimserve|bentoml)_\w+")
@@ -54,14 +58,16 @@ RECORDED = re.compile(r"\b\w+:\w+:\w+\b")
 
 # --- promtool and prometheus -------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class PromTools:
     promtool: Path
     prometheus: Path
 
     def run(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([str(self.promtool), *args], cwd=cwd, capture_output=True, text=True, timeout=120,
-                              check=False)
+        return subprocess.run(
+            [str(self.promtool), *args], cwd=cwd, capture_output=True, text=True, timeout=120, check=False
+        )
 
 
 def _find_tools() -> PromTools | None:
@@ -79,13 +85,15 @@ def _fetch_tools() -> str | None:
     debs = TOOLS / "debs"
     debs.mkdir(parents=True, exist_ok=True)
     try:
-        download = subprocess.run(["apt-get", "download", "prometheus"], cwd=debs, capture_output=True, text=True,
-                                  timeout=300, check=False)
+        download = subprocess.run(
+            ["apt-get", "download", "prometheus"], cwd=debs, capture_output=True, text=True, timeout=300, check=False
+        )
         found = sorted(debs.glob("prometheus_*.deb"))
         if not found:
             return f"apt-get download prometheus failed: {(download.stderr.strip() or 'no .deb').splitlines()[-1]}"
-        unpack = subprocess.run(["dpkg", "-x", str(found[-1]), str(TOOLS)], capture_output=True, text=True,
-                                timeout=300, check=False)
+        unpack = subprocess.run(
+            ["dpkg", "-x", str(found[-1]), str(TOOLS)], capture_output=True, text=True, timeout=300, check=False
+        )
         if unpack.returncode:
             return f"dpkg -x {found[-1].name} failed: {unpack.stderr.strip()}"
     except (OSError, subprocess.TimeoutExpired) as err:
@@ -100,12 +108,15 @@ def prom() -> PromTools:
         why = _fetch_tools()
         tools = _find_tools()
         if tools is None:
-            pytest.skip(f"no promtool/prometheus on PATH or in .tools/usr/bin, and {why or 'unpacking found none'}; "
-                        "install Debian's prometheus package (apt-get install prometheus) or put both on PATH")
+            pytest.skip(
+                f"no promtool/prometheus on PATH or in .tools/usr/bin, and {why or 'unpacking found none'}; "
+                "install Debian's prometheus package (apt-get install prometheus) or put both on PATH"
+            )
     return tools
 
 
 # --- Prometheus rules --------------------------------------------------------------------
+
 
 def _rules() -> list[dict]:
     groups = yaml.safe_load(RULES.read_text())["groups"]
@@ -137,8 +148,9 @@ def test_every_alert_is_documented_and_tested_both_ways():
 
 
 def test_rule_unit_tests_catch_a_wrong_threshold(prom, tmp_path):
-    broken = RULES.read_text().replace("job:trimserve_classify_errors:ratio_rate5m > 0.01",
-                                       "job:trimserve_classify_errors:ratio_rate5m > 0.05")
+    broken = RULES.read_text().replace(
+        "job:trimserve_classify_errors:ratio_rate5m > 0.01", "job:trimserve_classify_errors:ratio_rate5m > 0.05"
+    )
     assert broken != RULES.read_text()
     (tmp_path / RULES.name).write_text(broken)
     shutil.copy(RULES_TEST, tmp_path)
@@ -175,9 +187,11 @@ def test_prometheus_config_labels_what_the_rules_and_the_adapter_select():
 
 # --- Kubernetes manifests ----------------------------------------------------------------
 
+
 def _manifests() -> dict[str, list[dict]]:
-    return {path.name: [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
-            for path in sorted(K8S.glob("*.yaml"))}
+    return {
+        path.name: [doc for doc in yaml.safe_load_all(path.read_text()) if doc] for path in sorted(K8S.glob("*.yaml"))
+    }
 
 
 def _one(manifests: dict, file: str, kind: str) -> dict:
@@ -247,16 +261,19 @@ def _pod_problems(deployment: dict) -> list[str]:
     if not APP.items() <= labels.items() or not deployment["spec"]["selector"]["matchLabels"].items() <= labels.items():
         problems.append(f"pod labels {labels} must include {APP} and the Deployment's selector")
     fields = {PREFIX + f.name.upper() for f in dataclasses.fields(ServeConfig)}
-    problems += [f"env {name} is not a ServeConfig setting" for name in env
-                 if name.startswith(PREFIX) and name not in fields]
+    problems += [
+        f"env {name} is not a ServeConfig setting" for name in env if name.startswith(PREFIX) and name not in fields
+    ]
 
     timeout = float(env.get("TRIMSERVE_TIMEOUT_S") or ServeConfig.timeout_s)
     sleep, grace = _pre_stop_seconds(container), spec.get("terminationGracePeriodSeconds", 30)
     if sleep is None:
         problems.append("preStop: expected a sleep so endpoint removal propagates before SIGTERM")
     elif grace < sleep + timeout + 5:
-        problems.append(f"terminationGracePeriodSeconds={grace} < preStop {sleep:g} s + TRIMSERVE_TIMEOUT_S "
-                        f"{timeout:g} s + 5 s margin: in-flight requests would be killed")
+        problems.append(
+            f"terminationGracePeriodSeconds={grace} < preStop {sleep:g} s + TRIMSERVE_TIMEOUT_S "
+            f"{timeout:g} s + 5 s margin: in-flight requests would be killed"
+        )
 
     resources = container.get("resources", {})
     requests, limits = resources.get("requests", {}), resources.get("limits", {})
@@ -276,13 +293,16 @@ def _pod_problems(deployment: dict) -> list[str]:
 
     keys = env.get("TRIMSERVE_API_KEYS_FILE") or ""
     if volume_of(keys).get("secret", {}).get("secretName") != "trimserve-api-keys":
-        problems.append(f"TRIMSERVE_API_KEYS_FILE={keys!r} must lie in a directory mount (no subPath: it would "
-                        "never see updates) of the Secret trimserve-api-keys")
+        problems.append(
+            f"TRIMSERVE_API_KEYS_FILE={keys!r} must lie in a directory mount (no subPath: it would "
+            "never see updates) of the Secret trimserve-api-keys"
+        )
     if container.get("securityContext", {}).get("readOnlyRootFilesystem"):
         home = (env.get("BENTOML_HOME") or "/home/bentoml").rstrip("/") + "/"
         if "emptyDir" not in volume_of(home):
-            problems.append(f"readOnlyRootFilesystem: BENTOML_HOME={home!r} must be on an emptyDir, "
-                            "BentoML writes there")
+            problems.append(
+                f"readOnlyRootFilesystem: BENTOML_HOME={home!r} must be on an emptyDir, BentoML writes there"
+            )
     annotations = pod["metadata"].get("annotations", {})
     if annotations.get("prometheus.io/scrape") != "true" or annotations.get("prometheus.io/port") != str(PORT):
         problems.append(f"pod annotations: expected prometheus.io/scrape 'true' and port '{PORT}', found {annotations}")
@@ -340,32 +360,52 @@ def _set(path: str, value):
         for key in keys[:-1]:
             node = node[int(key)] if key.isdigit() else node[key]
         node[keys[-1]] = value
+
     return apply
 
 
 MISTAKES = {
-    "liveness on the wrong path": (lambda m: _container(m)["livenessProbe"]["httpGet"].update(path="/healthz"),
-                                   "livenessProbe: expected GET /livez"),
-    "readiness on the wrong port": (lambda m: _container(m)["readinessProbe"]["httpGet"].update(port=8080),
-                                    "readinessProbe: expected GET /readyz on port 3000"),
-    "grace shorter than the drain": (_set("deployment.yaml/spec/template/spec/terminationGracePeriodSeconds", 12),
-                                     "terminationGracePeriodSeconds=12 < preStop 5 s"),
+    "liveness on the wrong path": (
+        lambda m: _container(m)["livenessProbe"]["httpGet"].update(path="/healthz"),
+        "livenessProbe: expected GET /livez",
+    ),
+    "readiness on the wrong port": (
+        lambda m: _container(m)["readinessProbe"]["httpGet"].update(port=8080),
+        "readinessProbe: expected GET /readyz on port 3000",
+    ),
+    "grace shorter than the drain": (
+        _set("deployment.yaml/spec/template/spec/terminationGracePeriodSeconds", 12),
+        "terminationGracePeriodSeconds=12 < preStop 5 s",
+    ),
     "no preStop": (lambda m: _container(m).pop("lifecycle"), "preStop: expected a sleep"),
-    "memory limit under the request": (lambda m: _container(m)["resources"]["limits"].update(memory="256Mi"),
-                                       "limits.memory 256Mi < requests.memory"),
-    "keys through a subPath": (lambda m: _container(m)["volumeMounts"][0].update(subPath="keys"),
-                               "TRIMSERVE_API_KEYS_FILE='/etc/trimserve/keys' must lie in a directory mount"),
-    "unknown setting": (lambda m: _container(m)["env"].append({"name": "TRIMSERVE_TIMEOUT", "value": "5"}),
-                        "env TRIMSERVE_TIMEOUT is not a ServeConfig setting"),
-    "Service selects other pods": (_set("service.yaml/spec/selector", {"app": "trimserve"}),
-                                   "Service selector {'app': 'trimserve'} does not select the pods"),
-    "PDB selects other pods": (_set("pdb.yaml/spec/selector/matchLabels", {"app.kubernetes.io/name": "other"}),
-                               "PodDisruptionBudget selector"),
-    "HPA scales something else": (_set("hpa.yaml/spec/scaleTargetRef/name", "trimserve-old"),
-                                  "hpa.yaml: scaleTargetRef"),
+    "memory limit under the request": (
+        lambda m: _container(m)["resources"]["limits"].update(memory="256Mi"),
+        "limits.memory 256Mi < requests.memory",
+    ),
+    "keys through a subPath": (
+        lambda m: _container(m)["volumeMounts"][0].update(subPath="keys"),
+        "TRIMSERVE_API_KEYS_FILE='/etc/trimserve/keys' must lie in a directory mount",
+    ),
+    "unknown setting": (
+        lambda m: _container(m)["env"].append({"name": "TRIMSERVE_TIMEOUT", "value": "5"}),
+        "env TRIMSERVE_TIMEOUT is not a ServeConfig setting",
+    ),
+    "Service selects other pods": (
+        _set("service.yaml/spec/selector", {"app": "trimserve"}),
+        "Service selector {'app': 'trimserve'} does not select the pods",
+    ),
+    "PDB selects other pods": (
+        _set("pdb.yaml/spec/selector/matchLabels", {"app.kubernetes.io/name": "other"}),
+        "PodDisruptionBudget selector",
+    ),
+    "HPA scales something else": (
+        _set("hpa.yaml/spec/scaleTargetRef/name", "trimserve-old"),
+        "hpa.yaml: scaleTargetRef",
+    ),
     "HPA asks for a metric nobody serves": (
         _set("hpa-custom-metric.yaml/spec/metrics/0/pods/metric/name", "trimserve_rps"),
-        "hpa-custom-metric.yaml asks for ['trimserve_rps']; prometheus-adapter serves 'trimserve_requests_per_second'"),
+        "hpa-custom-metric.yaml asks for ['trimserve_rps']; prometheus-adapter serves 'trimserve_requests_per_second'",
+    ),
 }
 
 
@@ -380,6 +420,7 @@ def test_manifest_checks_catch_a_mistake(mistake):
 
 # --- metric names --------------------------------------------------------------------------
 
+
 def _rule_exprs() -> list[str]:
     return [rule["expr"] for rule in _rules()]
 
@@ -388,8 +429,11 @@ def _dashboard_exprs() -> list[str]:
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     # A variable's label_values(<selector>, <label>) is Grafana's; the selector inside is PromQL.
-    return exprs + [re.sub(r"^label_values\((.+),\s*\w+\)$", r"\1", v["query"]["query"])
-                    for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    return exprs + [
+        re.sub(r"^label_values\((.+),\s*\w+\)$", r"\1", v["query"]["query"])
+        for v in dashboard["templating"]["list"]
+        if v["type"] == "query"
+    ]
 
 
 def _adapter_exprs() -> list[str]:
@@ -403,16 +447,28 @@ def _exported_metrics() -> set[str]:
 
     import serve.metrics  # noqa: F401  (registers trimserve's objects)
 
-    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count"),
-                "summary": ("_sum", "_count"), "info": ("_info",)}
-    return BENTOML_METRICS | {family.name + suffix for family in REGISTRY.collect()
-                              if family.name.startswith("trimserve_") for suffix in suffixes.get(family.type, ("",))}
+    suffixes = {
+        "counter": ("_total",),
+        "gauge": ("",),
+        "histogram": ("_bucket", "_sum", "_count"),
+        "summary": ("_sum", "_count"),
+        "info": ("_info",),
+    }
+    return BENTOML_METRICS | {
+        family.name + suffix
+        for family in REGISTRY.collect()
+        if family.name.startswith("trimserve_")
+        for suffix in suffixes.get(family.type, ("",))
+    }
 
 
 @pytest.mark.parametrize("source", ["alerts.yml", "prometheus-adapter-rules.yaml", "trimserve.json"])
 def test_only_metrics_the_service_exports(source):
-    exprs = {"alerts.yml": _rule_exprs, "prometheus-adapter-rules.yaml": _adapter_exprs,
-             "trimserve.json": _dashboard_exprs}[source]()
+    exprs = {
+        "alerts.yml": _rule_exprs,
+        "prometheus-adapter-rules.yaml": _adapter_exprs,
+        "trimserve.json": _dashboard_exprs,
+    }[source]()
     used = {name for expr in exprs for name in METRIC.findall(expr)}
     assert used, source
     assert sorted(used - _exported_metrics()) == [], f"{source} uses metrics serve/metrics.py does not define"
@@ -426,8 +482,14 @@ def test_recording_rules_used_are_defined():
 
 def _dashboard_as_rules(exprs: list[str]) -> dict:
     plain = [e.replace("$__rate_interval", "1m").replace("$job", "trimserve").replace("$instance", ".*") for e in exprs]
-    return {"groups": [{"name": "dashboard", "rules": [{"record": f"dashboard:query_{i}:x", "expr": e}
-                                                       for i, e in enumerate(plain)]}]}
+    return {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [{"record": f"dashboard:query_{i}:x", "expr": e} for i, e in enumerate(plain)],
+            }
+        ]
+    }
 
 
 def test_dashboard_queries_parse_and_panels_use_the_datasource_variable(prom, tmp_path):
@@ -446,6 +508,7 @@ def test_dashboard_queries_parse_and_panels_use_the_datasource_variable(prom, tm
 
 
 # --- a real Prometheus scraping a real service ----------------------------------------------
+
 
 def _query(url: str, expr: str) -> list[dict]:
     body = httpx.get(f"{url}/api/v1/query", params={"query": expr}, timeout=5).json()
@@ -469,13 +532,9 @@ def _value(url: str, expr: str) -> float | None:
 
 
 @pytest.fixture(scope="module")
-def variant(tiny_variants) -> tuple[Path, Path]:
+def variant(served_variant, tiny_fp32) -> tuple[Path, Path]:
     """The onnx-fp32 variant's directory and its manifest."""
-    from export.manifest import load_manifest, ok_variants, variant_dir
-
-    manifest = load_manifest(tiny_variants)
-    entry = next(v for v in ok_variants(manifest) if v["name"] == "onnx-fp32")
-    return variant_dir(manifest, entry), tiny_variants / "manifest.json"
+    return served_variant[3], tiny_fp32 / "manifest.json"
 
 
 @pytest.mark.slow
@@ -484,8 +543,10 @@ def test_prometheus_scrapes_the_service_and_loads_the_rules(prom, variant, tmp_p
 
     directory, manifest = variant
     key = "tk-deploy-test"
-    server = ServerProcess({"TRIMSERVE_VARIANT_DIR": str(directory), "TRIMSERVE_MANIFEST": str(manifest),
-                            "TRIMSERVE_API_KEYS": key}, log=tmp_path / "server.log")
+    server = ServerProcess(
+        {"TRIMSERVE_VARIANT_DIR": str(directory), "TRIMSERVE_MANIFEST": str(manifest), "TRIMSERVE_API_KEYS": key},
+        log=tmp_path / "server.log",
+    )
     prometheus = None
     try:
         server.wait_ready()
@@ -493,17 +554,24 @@ def test_prometheus_scrapes_the_service_and_loads_the_rules(prom, variant, tmp_p
         # Kubernetes job would set them, so the adapter's query finds its series.
         config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
         [job] = [j for j in config["scrape_configs"] if j["job_name"] == "trimserve"]
-        job["static_configs"] = [{"targets": [server.url.removeprefix("http://")],
-                                  "labels": {"namespace": "test", "pod": "trimserve-0"}}]
+        job["static_configs"] = [
+            {"targets": [server.url.removeprefix("http://")], "labels": {"namespace": "test", "pod": "trimserve-0"}}
+        ]
         config.update(scrape_configs=[job], rule_files=[str(RULES)])
         config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
         url = f"http://127.0.0.1:{free_port()}"
         with (tmp_path / "prometheus.log").open("wb") as log:
             prometheus = subprocess.Popen(
-                [str(prom.prometheus), f"--config.file={tmp_path / 'prometheus.yml'}",
-                 f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address={url.removeprefix('http://')}"],
-                stdout=log, stderr=subprocess.STDOUT)
+                [
+                    str(prom.prometheus),
+                    f"--config.file={tmp_path / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address={url.removeprefix('http://')}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
         def ready():
             assert prometheus.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
@@ -511,35 +579,49 @@ def test_prometheus_scrapes_the_service_and_loads_the_rules(prom, variant, tmp_p
                 return httpx.get(f"{url}/-/ready", timeout=2).status_code == 200
             except httpx.HTTPError:
                 return False
+
         _wait_for("prometheus /-/ready", ready)
 
         texts = ["A masterpiece: moving, funny and beautifully acted.", "Awful, awful, awful."]
         for _ in range(5):
-            response = httpx.post(f"{server.url}/classify", json={"texts": texts},
-                                  headers={"Authorization": f"Bearer {key}"}, timeout=30)
+            response = httpx.post(
+                f"{server.url}/classify", json={"texts": texts}, headers={"Authorization": f"Bearer {key}"}, timeout=30
+            )
             assert response.status_code == 200, response.text
         assert httpx.post(f"{server.url}/classify", json={"texts": texts}, timeout=30).status_code == 401
 
-        _wait_for("10 predictions in Prometheus",
-                  lambda: _value(url, 'sum(trimserve_predictions_total{job="trimserve"})') == 10)
-        _wait_for("5 + 1 requests by code", lambda: _value(url, 'trimserve_requests_total{code="200"}') == 5
-                  and _value(url, 'trimserve_requests_total{code="401"}') == 1)
+        _wait_for(
+            "10 predictions in Prometheus",
+            lambda: _value(url, 'sum(trimserve_predictions_total{job="trimserve"})') == 10,
+        )
+        _wait_for(
+            "5 + 1 requests by code",
+            lambda: (
+                _value(url, 'trimserve_requests_total{code="200"}') == 5
+                and _value(url, 'trimserve_requests_total{code="401"}') == 1
+            ),
+        )
         assert _value(url, 'up{job="trimserve"}') == 1 and _value(url, "trimserve_ready") == 1
         variants = _query(url, "trimserve_model_info")
         assert [r["metric"]["variant"] for r in variants] == ["onnx-fp32"]
 
         # The adapter's query, rendered as prometheus-adapter would for the HPA's pod.
         rule = _adapter_rule(_manifests())
-        adapter = (rule["metricsQuery"].replace("<<.GroupBy>>", "namespace, pod")
-                   .replace("<<.Series>>", "trimserve_requests_total")
-                   .replace("<<.LabelMatchers>>", 'namespace="test", pod="trimserve-0"'))
+        adapter = (
+            rule["metricsQuery"]
+            .replace("<<.GroupBy>>", "namespace, pod")
+            .replace("<<.Series>>", "trimserve_requests_total")
+            .replace("<<.LabelMatchers>>", 'namespace="test", pod="trimserve-0"')
+        )
         assert [r["metric"] for r in _wait_for("the adapter's series", lambda: _query(url, adapter))] == [
-            {"namespace": "test", "pod": "trimserve-0"}]
+            {"namespace": "test", "pod": "trimserve-0"}
+        ]
 
         def rules_evaluated():
             groups = httpx.get(f"{url}/api/v1/rules", timeout=5).json()["data"]["groups"]
             rules = [r for g in groups if g["name"] == "trimserve" for r in g["rules"]]
             return rules if rules and all(r["health"] == "ok" for r in rules) else None
+
         rules = _wait_for("every trimserve rule evaluated with health ok", rules_evaluated)
         assert len(rules) == len(_rules())
         active = {r["name"] for r in rules if r["type"] == "alerting" and r["state"] != "inactive"}

@@ -7,57 +7,74 @@ import numpy as np
 import pytest
 
 from export.export import ExportConfig, export
-from export.manifest import load_manifest, ok_variants, variant_dir, verify_files
 from serve.classifier import OnnxClassifier
+from serve.contract import UserError, VariantRecord, VariantsManifest, read, verify_files
 from tests.conftest import REPO
 from train.data import DataSpec, load_splits
-from train.errors import UserError
 
-CPU_RECIPES = {"onnx-fp32", "onnx-opt", "int8-dynamic", "int8-static", "pruned-fp32", "pruned-int8",
-               "pruned-l3-fp32", "pruned-l3-int8"}
+CPU_RECIPES = {
+    "onnx-fp32",
+    "onnx-opt",
+    "int8-dynamic",
+    "int8-static",
+    "pruned-fp32",
+    "pruned-int8",
+    "pruned-l3-fp32",
+    "pruned-l3-int8",
+}
 
 
 @pytest.fixture(scope="module")
-def manifest(tiny_variants):
-    return load_manifest(tiny_variants)
+def manifest(tiny_variants) -> VariantsManifest:
+    return read(tiny_variants, VariantsManifest)
 
 
-def test_manifest_lists_every_recipe_with_checks_and_hashes(manifest):
-    assert {v["name"] for v in manifest["variants"]} == CPU_RECIPES
-    assert {v["name"] for v in ok_variants(manifest)} == CPU_RECIPES
-    for v in manifest["variants"]:
-        assert v["check"]["passed"] and v["check"]["samples"] == 128
-        assert v["check"]["max_abs_logit_diff"] <= v["check"]["tolerance"]["max_abs_logit_diff"]
-        assert set(v["metrics"]) == {"validation", "test"}
-        assert len(v["files"]["model.onnx"]["sha256"]) == 64
-        assert verify_files(variant_dir(manifest, v), v["files"]) == []
-        assert json.loads((variant_dir(manifest, v) / "variant.json").read_text())["labels"] == ["fresh", "rotten"]
-    sizes = {v["name"]: v["files"]["model.onnx"]["bytes"] for v in manifest["variants"]}
+@pytest.fixture(scope="module")
+def records(manifest) -> dict[str, VariantRecord]:
+    return {v.name: manifest.load(v) for v in manifest.ok()}
+
+
+@pytest.mark.slow
+def test_manifest_lists_every_recipe_with_checks_and_hashes(manifest, records):
+    assert {v.name for v in manifest.variants} == CPU_RECIPES
+    assert {v.name for v in manifest.ok()} == CPU_RECIPES
+    for v in manifest.variants:
+        record = records[v.name]
+        assert record.check["passed"] and record.check["samples"] == 128
+        assert record.check["max_abs_logit_diff"] <= record.check["tolerance"]["max_abs_logit_diff"]
+        assert set(record.metrics) == {"validation", "test"}
+        assert len(v.files["model.onnx"]["sha256"]) == 64 and "variant.json" in v.files
+        assert verify_files(manifest.directory(v), v.files) == []
+        assert record.labels == ["fresh", "rotten"] and record.max_length == 64 and record.pad_token_id == 0
+        assert record.inputs == ["input_ids", "attention_mask", "token_type_ids"]
+    sizes = {v.name: v.files["model.onnx"]["bytes"] for v in manifest.variants}
     assert sizes["int8-dynamic"] < sizes["onnx-fp32"] / 3  # int8 weights: about a quarter
     assert sizes["pruned-int8"] < sizes["int8-dynamic"]
 
 
-def test_int8_recipes_record_their_configuration(manifest):
-    by_name = {v["name"]: v for v in manifest["variants"]}
-    assert by_name["int8-dynamic"]["recipe"]["isa"] == manifest["isa"]
-    assert by_name["int8-static"]["recipe"]["is_static"] is True
-    assert by_name["int8-static"]["recipe"]["calibration"]["samples"] == 16
-    assert by_name["onnx-opt"]["recipe"]["fused_operators"].get("Attention", 0) > 0
+@pytest.mark.slow
+def test_int8_recipes_record_their_configuration(manifest, records):
+    assert records["int8-dynamic"].recipe["isa"] == manifest.isa
+    assert records["int8-static"].recipe["is_static"] is True
+    assert records["int8-static"].recipe["calibration"]["samples"] == 16
+    assert records["onnx-opt"].recipe["fused_operators"].get("Attention", 0) > 0
 
 
-def test_pruning_really_removes_structure(manifest):
-    pruned = next(v for v in manifest["variants"] if v["name"] == "pruned-fp32")
-    report = pruned["pruning"]
+@pytest.mark.slow
+def test_pruning_really_removes_structure(records):
+    report = records["pruned-fp32"].pruning
     assert report["flops_reduction"] >= 0.40
     assert report["after"]["parameters"] < report["before"]["parameters"]
     assert sum(report["heads_per_layer"]) < 12 * 6 and sum(report["ffn_per_layer"]) < 1536 * 6
     assert report["distillation"]["steps"] == 4
     assert report["kept_layers"] == list(range(6))
-    deep = next(v for v in manifest["variants"] if v["name"] == "pruned-l3-int8")["pruning"]
+    assert records["pruned-int8"].pruning == report  # built from pruned-fp32: the same structure
+    deep = records["pruned-l3-int8"].pruning
     assert len(deep["kept_layers"]) == 3 and len(deep["heads_per_layer"]) == 3
     assert deep["flops_reduction"] > 0.7
 
 
+@pytest.mark.slow
 def test_every_variant_predicts_like_pytorch(manifest, tiny_model):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -68,45 +85,59 @@ def test_every_variant_predicts_like_pytorch(manifest, tiny_model):
     with torch.no_grad():
         expected = model(**tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")).logits
     expected = expected.numpy().argmax(1)
-    for v in ok_variants(manifest):
-        if v["name"].startswith("pruned"):
+    for v in manifest.ok():
+        if v.name.startswith("pruned"):
             continue  # a different (smaller) model: checked against its own PyTorch form below
-        clf = OnnxClassifier(variant_dir(manifest, v))
+        clf = OnnxClassifier.load(manifest.directory(v))
         preds = np.array([clf.labels.index(p["label"]) for p in clf.predict(texts)])
-        assert (preds == expected).mean() >= 0.9, v["name"]
+        assert (preds == expected).mean() >= 0.9, v.name
 
 
+@pytest.mark.slow
 def test_pruned_pytorch_weights_reload_and_match_onnx(manifest):
     import torch
     from transformers import AutoTokenizer
 
     from export.prune import load_pruned
 
-    root = variant_dir(manifest, {"path": "torch/pruned-l3-fp32"})
-    model = load_pruned(root)
-    onnx_dir = variant_dir(manifest, next(v for v in manifest["variants"] if v["name"] == "pruned-l3-fp32"))
+    model = load_pruned(manifest.root / "torch" / "pruned-l3-fp32")
+    onnx_dir = manifest.directory(manifest.entry("pruned-l3-fp32"))
     texts = ["a warm, funny film", "tedious and far too long"]
     batch = AutoTokenizer.from_pretrained(onnx_dir)(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         torch_logits = model(**batch).logits.numpy()
-    clf = OnnxClassifier(onnx_dir)
+    clf = OnnxClassifier.load(onnx_dir)
     onnx_logits = clf.logits(clf.encode(texts))
     assert np.abs(torch_logits - onnx_logits).max() < 1e-3
 
 
-def test_corrupt_onnx_file_is_refused_by_readers(manifest, tmp_path):
+def test_fp32_export_alone_is_checked_and_recorded(tiny_fp32):
+    manifest = read(tiny_fp32, VariantsManifest)
+    assert [v.name for v in manifest.variants] == ["onnx-fp32"] and manifest.model["model_type"] == "bert"
+    record = manifest.load(manifest.entry("onnx-fp32"))
+    assert record.check["passed"] and record.check["max_abs_logit_diff"] < 1e-3
+    assert record.metrics["test"]["accuracy"] == pytest.approx(manifest.pytorch["test"]["accuracy"], abs=0.01)
+
+
+def test_corrupt_onnx_file_is_refused_by_readers(tiny_fp32, tmp_path):
     copy = tmp_path / "variants"
-    shutil.copytree(manifest["_root"], copy)
-    model = copy / "int8-dynamic" / "model.onnx"
+    shutil.copytree(tiny_fp32, copy)
+    model = copy / "onnx-fp32" / "model.onnx"
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0xFF
     model.write_bytes(bytes(data))
-    reloaded = load_manifest(copy)
-    variant = next(v for v in reloaded["variants"] if v["name"] == "int8-dynamic")
-    assert verify_files(copy / "int8-dynamic", variant["files"]) == ["model.onnx (sha256 mismatch)"]
+    reloaded = read(copy, VariantsManifest)
+    entry = reloaded.entry("onnx-fp32")
+    assert verify_files(copy / "onnx-fp32", entry.files) == ["model.onnx (sha256 mismatch)"]
+    with pytest.raises(
+        UserError,
+        match=r"variant onnx-fp32 in .* does not match .*manifest.json: model.onnx "
+        r"\(sha256 mismatch\); re-run `python -m export`",
+    ):
+        reloaded.load(entry)
     model.write_bytes(b"not an onnx graph")
     with pytest.raises(UserError, match="model.onnx is not a loadable ONNX model \\(InvalidProtobuf\\); re-export"):
-        OnnxClassifier(copy / "int8-dynamic")
+        OnnxClassifier.load(copy / "onnx-fp32")
 
 
 def test_missing_model_directory_and_bad_arguments(tmp_path, tiny_model):
@@ -127,8 +158,9 @@ def test_missing_model_directory_and_bad_arguments(tmp_path, tiny_model):
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "export", "--model", str(tmp_path / "none")], cwd=REPO,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "export", "--model", str(tmp_path / "none")], cwd=REPO, capture_output=True, text=True
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: model directory")
     proc = subprocess.run([sys.executable, "-m", "export", "--isa", "sse"], cwd=REPO, capture_output=True, text=True)

@@ -25,11 +25,15 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.core import NOT_SET
-from schemathesis.specs.openapi.checks import (content_type_conformance, negative_data_rejection,
-                                               response_schema_conformance, status_code_conformance)
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
-from export.manifest import load_manifest, ok_variants, variant_dir
 from serve.launch import ServerProcess
+from serve.refusals import TYPES
 
 pytestmark = pytest.mark.slow
 
@@ -59,17 +63,19 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_variants, tmp_path_factory):
+def server(served_variant, tiny_fp32, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hostile")
-    manifest = load_manifest(tiny_variants)
-    entry = next(v for v in ok_variants(manifest) if v["name"] == VARIANT)
     (tmp / "keys").write_text(KEY + "\n")
-    env = {"TRIMSERVE_VARIANT_DIR": str(variant_dir(manifest, entry)),
-           "TRIMSERVE_MANIFEST": str(tiny_variants / "manifest.json"), "TRIMSERVE_API_KEYS_FILE": str(tmp / "keys"),
-           "TRIMSERVE_MAX_TEXTS_PER_REQUEST": str(MAX_TEXTS), "TRIMSERVE_MAX_TEXT_CHARS": str(MAX_CHARS),
-           "TRIMSERVE_MAX_BODY_BYTES": str(BODY_LIMIT),
-           # generous: on a shared 2-core machine a missed batching deadline is a 503, not a wait
-           "TRIMSERVE_MAX_LATENCY_MS": "10000"}
+    env = {
+        "TRIMSERVE_VARIANT_DIR": str(served_variant[3]),
+        "TRIMSERVE_MANIFEST": str(tiny_fp32 / "manifest.json"),
+        "TRIMSERVE_API_KEYS_FILE": str(tmp / "keys"),
+        "TRIMSERVE_MAX_TEXTS_PER_REQUEST": str(MAX_TEXTS),
+        "TRIMSERVE_MAX_TEXT_CHARS": str(MAX_CHARS),
+        "TRIMSERVE_MAX_BODY_BYTES": str(BODY_LIMIT),
+        # generous: on a shared 2-core machine a missed batching deadline is a 503, not a wait
+        "TRIMSERVE_MAX_LATENCY_MS": "10000",
+    }
     with ServerProcess(env, log=tmp / "server.log") as process:
         print(f"\nbentoml serve ready in {process.wait_ready():.1f} s")
         served = Server(process)
@@ -100,10 +106,17 @@ def _assert_json_error(response) -> None:
     content_type = content_type[0] if isinstance(content_type, list) else content_type
     assert content_type and content_type.startswith("application/json"), response.headers
     error = response.json()["error"]
-    assert isinstance(error, str) and error
+    assert set(error) == {"type", "message", "details"} and error["type"] in TYPES, error
+    assert TYPES[error["type"]] == response.status_code or (response.status_code, error["type"]) in (
+        (405, "not_found"),
+        (403, "auth"),
+        (422, "validation"),
+    ), (response.status_code, error)
+    assert isinstance(error["message"], str) and error["message"]
 
 
 # --- schemathesis: cases generated from the service's own OpenAPI schema -------------------
+
 
 def test_fuzz_from_the_openapi_schema(server):
     docs = httpx.get(f"{server.url}/docs.json", headers=AUTH, timeout=10)
@@ -125,8 +138,13 @@ def test_fuzz_from_the_openapi_schema(server):
 
 def _fuzz(server: Server, operation, mode: GenerationMode, cases: Counter, statuses: Counter) -> None:
     # derandomize: the same cases on every run and every machine; no database for the same reason
-    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.too_slow])
+    @settings(
+        max_examples=FUZZ_EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
     @given(case=operation.as_strategy(generation_mode=mode))
     def run(case):
         cases[operation.label, mode.value] += 1
@@ -185,7 +203,7 @@ def _valid_is_accepted(case, response) -> None:
         assert len(response.json()) == len(texts)
     else:
         assert response.status_code == 400, response.text
-        assert [e["loc"] for e in response.json()["detail"]] == blank
+        assert [e["loc"] for e in response.json()["error"]["details"]] == blank
 
 
 # --- hand-made hostile requests -----------------------------------------------------------
@@ -200,7 +218,7 @@ def _ten_mb() -> bytes:
 def _chunks(body: bytes, size: int = 64 * 1024):
     """An iterator body: httpx sends it with Transfer-Encoding: chunked and no Content-Length."""
     for i in range(0, len(body), size):
-        yield body[i:i + size]
+        yield body[i : i + size]
 
 
 def _raw(body: bytes) -> dict:
@@ -210,11 +228,15 @@ def _raw(body: bytes) -> dict:
 # name: (httpx.post keyword arguments, the statuses that may answer)
 HOSTILE = {
     "malformed JSON": (lambda: _raw(b'{"texts": ["' + MARK.encode() + b'", '), {400}),
-    "text/plain": (lambda: {"content": json.dumps({"texts": [MARK]}), "headers": {"content-type": "text/plain"}},
-                   {415}),
+    "text/plain": (
+        lambda: {"content": json.dumps({"texts": [MARK]}), "headers": {"content-type": "text/plain"}},
+        {415},
+    ),
     "form-urlencoded": (lambda: {"data": {"texts": MARK}}, {415}),
-    "multipart": (lambda: {"files": {"texts": ("texts.json", json.dumps({"texts": [MARK]}).encode(), "application/json")}},
-                  {415}),
+    "multipart": (
+        lambda: {"files": {"texts": ("texts.json", json.dumps({"texts": [MARK]}).encode(), "application/json")}},
+        {415},
+    ),
     "no body, no content type": (dict, CLIENT_ERROR),
     "no body, JSON content type": (lambda: {"headers": JSON}, {400}),
     "10,000 nested lists": (lambda: _raw(b'{"texts": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"), {400}),
@@ -258,8 +280,11 @@ def _lying_request(server: Server) -> socket.socket:
     """POST /classify whose Content-Length promises 1000 bytes more than it sends; left open."""
     sent = json.dumps({"texts": [f"stalled {MARK}"]}).encode()
     sock = socket.create_connection(("127.0.0.1", server.process.port), timeout=5)
-    sock.sendall(f"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
-                 f"Content-Type: application/json\r\nContent-Length: {len(sent) + 1000}\r\n\r\n".encode() + sent)
+    sock.sendall(
+        f"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(sent) + 1000}\r\n\r\n".encode()
+        + sent
+    )
     return sock
 
 
@@ -276,7 +301,9 @@ def _read_response(sock: socket.socket, timeout_s: float) -> tuple[int, bytes] |
             break
         data += chunk
         head, _, body = data.partition(b"\r\n\r\n")
-        lengths = [int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+        lengths = [
+            int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+        ]
         if lengths and len(body) >= lengths[0]:
             return int(head.split(b" ")[1]), body
     return (int(data.split(b" ")[1]), data.partition(b"\r\n\r\n")[2]) if data else None
@@ -304,10 +331,11 @@ def test_body_that_never_completes_gets_a_4xx(server):
     assert answer is not None, f"no answer within {TIMEOUT_S + 10} s to a body that never completes"
     status, body = answer
     assert status in CLIENT_ERROR, (status, body[:300])
-    assert json.loads(body)["error"]
+    assert json.loads(body)["error"]["type"] == "slow_body"
 
 
 # --- afterwards: health, memory, log -------------------------------------------------------
+
 
 def test_still_serving(server):
     assert server.process.process.poll() is None, server.process.last_line()
@@ -326,7 +354,7 @@ def test_log_holds_no_key_no_text_no_traceback(server):
     """Last on purpose: every request of this module has been answered and logged by now."""
     log = server.process.log.read_text(errors="replace")
     assert "path=/classify" in log  # the access log is there, so there was something to leak into
-    assert "Traceback" not in log, log[max(0, log.index("Traceback") - 500):][:3000]
+    assert "Traceback" not in log, log[max(0, log.index("Traceback") - 500) :][:3000]
     assert KEY not in log and MARK not in log
     leaked = sorted(t for t in server.fuzz_texts if t in log)
     assert not leaked, leaked[:3]

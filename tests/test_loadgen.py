@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from perf.loadgen import LoadConfig, RateResult, Sample, _ramp, main, poisson_schedule, summarize, sustainable
-from train.errors import UserError, run_cli
+from perf.loadgen import LoadConfig, _ramp, main, sustainable
+from perf.openloop import CONNECTION_ERROR, TIMEOUT, Answers, RateResult, poisson_schedule, summarize
+from serve.contract import UserError, run_cli
 
 
 def test_poisson_schedule_is_seeded_with_mean_gap_one_over_rate():
@@ -37,10 +38,12 @@ def test_sustainable_rate_is_the_highest_that_holds_below_the_first_failure():
 
 
 def test_summarize_counts_codes_and_failures_apart():
-    samples = [Sample(0.010, 200), Sample(0.020, 200), Sample(0.001, 429), Sample(5.0, "timeout"), Sample(0.5, 503)]
-    result = summarize(samples, np.array([0.0, 0.5, 1.0, 1.5, 2.0]), 2.5, 2.0)
-    assert (result.sent, result.ok, result.non_200, result.errors) == (5, 2, {"429": 1, "503": 1}, 1)
-    assert result.error_share == 0.6 and result.p50_ms == 10.0 and result.p99_ms == 20.0
+    answers = Answers(
+        np.array([0.010, 0.020, 0.001, 5.0, 0.5, 0.2]), np.array([200, 200, 429, TIMEOUT, 503, CONNECTION_ERROR])
+    )
+    result = summarize(answers, np.array([0.0, 0.5, 1.0, 1.5, 2.0, 2.0]), 2.5, 2.0)
+    assert (result.sent, result.ok, result.non_200, result.errors) == (6, 2, {"429": 1, "503": 1}, 2)
+    assert result.error_share == 4 / 6 and result.p50_ms == 10.0 and result.p99_ms == 20.0
     assert result.throughput_rps == round(2 / 6.5, 2)  # the window ends with the timed-out request
 
 
@@ -49,8 +52,11 @@ def test_ramp_grows_geometrically_up_to_its_max():
 
 
 def test_non_loopback_url_is_refused_in_one_line(capsys):
-    with pytest.raises(UserError, match=r"^--url http://example.com:3000 is not a loopback address; loadgen only "
-                                        r"targets 127.0.0.1, ::1 or localhost$"):
+    with pytest.raises(
+        UserError,
+        match=r"^--url http://example.com:3000 is not a loopback address; loadgen only "
+        r"targets 127.0.0.1, ::1 or localhost$",
+    ):
         main(["--url", "http://example.com:3000"])
     for url in ("http://10.1.2.3", "http://localhost.example.com:3000"):
         with pytest.raises(UserError, match="is not a loopback address"):
@@ -64,11 +70,30 @@ def test_non_loopback_url_is_refused_in_one_line(capsys):
 
 
 @pytest.mark.slow
-def test_tiny_real_run(tiny_variants, tmp_path):
+def test_tiny_real_run(tiny_fp32, tmp_path):
     """Both modes against a real `bentoml serve` of the tiny variant, a second of load each."""
-    report = main(["--variants", str(tiny_variants), "--variant", "onnx-fp32", "--rates", "4", "--duration-s", "1.5",
-                   "--low-rate", "8", "--low-duration-s", "1", "--warmup-requests", "8", "--threads", "1",
-                   "--output", str(tmp_path)])
+    report = main(
+        [
+            "--variants",
+            str(tiny_fp32),
+            "--variant",
+            "onnx-fp32",
+            "--rates",
+            "4",
+            "--duration-s",
+            "1.5",
+            "--low-rate",
+            "8",
+            "--low-duration-s",
+            "1",
+            "--warmup-requests",
+            "8",
+            "--threads",
+            "1",
+            "--output",
+            str(tmp_path),
+        ]
+    )
     assert json.loads((tmp_path / "load.json").read_text()) == json.loads(json.dumps(report))
     assert report["kind"] == "trimserve.load" and report["variant"]["name"] == "onnx-fp32"
     assert report["threads"] == {"server_ort": 1, "raw_ort": 1, "workers": 1} and report["machine"]["cores"]
@@ -87,13 +112,34 @@ def test_tiny_real_run(tiny_variants, tmp_path):
 
 
 @pytest.mark.slow
-def test_reliability_tiny_real_run(tiny_variants, tmp_path):
+def test_reliability_tiny_real_run(tiny_fp32, tmp_path):
     """Both phases of perf.reliability against a real server, a few seconds each."""
     from perf.reliability import main as reliability
 
-    report = reliability(["--variants", str(tiny_variants), "--variant", "onnx-fp32", "--sustainable-rps", "6",
-                          "--overload-s", "1.5", "--soak-s", "3", "--window-s", "1", "--rss-every-s", "0.5",
-                          "--warmup-requests", "8", "--threads", "1", "--output", str(tmp_path)])
+    report = reliability(
+        [
+            "--variants",
+            str(tiny_fp32),
+            "--variant",
+            "onnx-fp32",
+            "--sustainable-rps",
+            "6",
+            "--overload-s",
+            "1.5",
+            "--soak-s",
+            "3",
+            "--window-s",
+            "1",
+            "--rss-every-s",
+            "0.5",
+            "--warmup-requests",
+            "8",
+            "--threads",
+            "1",
+            "--output",
+            str(tmp_path),
+        ]
+    )
     assert json.loads((tmp_path / "reliability.json").read_text()) == json.loads(json.dumps(report))
     overload, soak = report["phases"]["overload"]["summary"], report["phases"]["soak"]["summary"]
     assert overload["offered_rps"] == 12.0 and overload["sent"] > 0 and overload["hung"] == 0
@@ -104,12 +150,16 @@ def test_reliability_tiny_real_run(tiny_variants, tmp_path):
     assert "## Soak: 4.2 req/s (70 %) for 3 s" in (tmp_path / "reliability.md").read_text()
 
 
-def test_reliability_needs_a_sustainable_rate(tmp_path, tiny_variants):
+def test_reliability_needs_a_sustainable_rate(tmp_path, tiny_fp32):
     from perf.reliability import main as reliability
 
-    with pytest.raises(UserError, match=r"missing.json does not exist; run python -m perf.loadgen first or pass "
-                                        r"--sustainable-rps"):
-        reliability(["--variants", str(tiny_variants), "--variant", "onnx-fp32",
-                     "--load-report", str(tmp_path / "missing.json")])
+    with pytest.raises(
+        UserError,
+        match=r"missing.json does not exist; run python -m perf.loadgen first or pass "
+        r"--sustainable-rps",
+    ):
+        reliability(
+            ["--variants", str(tiny_fp32), "--variant", "onnx-fp32", "--load-report", str(tmp_path / "missing.json")]
+        )
     with pytest.raises(UserError, match=r"--server-env 'MAX=1' is not valid: expected TRIMSERVE_NAME=value"):
         reliability(["--server-env", "MAX=1"])

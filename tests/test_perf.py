@@ -1,27 +1,44 @@
-import json
-
 import pytest
 
 from perf.bench import BASELINE_A, BASELINE_B, PerfConfig, run, select
 from perf.report import pareto_front
-from train.errors import UserError
+from serve.contract import Selection, UserError, read
 
 
 @pytest.fixture(scope="module")
 def results(tiny_variants, tmp_path_factory):
     out = tmp_path_factory.mktemp("perf")
-    config = PerfConfig(variants=str(tiny_variants), output=str(out / "perf"), selected=str(out / "selected.json"),
-                        single_stream_queries=20, warmup=2, rounds=2, offline_batches=(8, 32), sweep_batches=(1, 8),
-                        sweep_lengths=(16, 64), sweep_seconds=0.01, max_eval_samples=64)
+    config = PerfConfig(
+        variants=str(tiny_variants),
+        output=str(out / "perf"),
+        selected=str(out / "selected.json"),
+        single_stream_queries=20,
+        warmup=2,
+        rounds=2,
+        offline_batches=(8, 32),
+        sweep_batches=(1, 8),
+        sweep_lengths=(16, 64),
+        sweep_seconds=0.01,
+        max_eval_samples=64,
+    )
     return run(config), out
 
 
+@pytest.mark.slow
 def test_report_has_every_entry_and_scenario(results):
     res, out = results
     names = [e["name"] for e in res["entries"]]
     assert names[:2] == [BASELINE_A, BASELINE_B]
-    assert set(names[2:]) == {"onnx-fp32", "onnx-opt", "int8-dynamic", "int8-static", "pruned-fp32", "pruned-int8",
-                              "pruned-l3-fp32", "pruned-l3-int8"}
+    assert set(names[2:]) == {
+        "onnx-fp32",
+        "onnx-opt",
+        "int8-dynamic",
+        "int8-static",
+        "pruned-fp32",
+        "pruned-int8",
+        "pruned-l3-fp32",
+        "pruned-l3-int8",
+    }
     for e in res["entries"]:
         ss = e["single_stream"]
         assert ss["queries"] == 20 and 0 < ss["p50_ms"] <= ss["p90_ms"] <= ss["p99_ms"]
@@ -38,15 +55,24 @@ def test_report_has_every_entry_and_scenario(results):
     assert "| entry |" in (out / "perf" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_selection_file_names_a_valid_variant_within_budget(results):
     res, out = results
-    selection = json.loads((out / "selected.json").read_text())
-    chosen = next(e for e in res["entries"] if e["name"] == selection["variant"])
-    assert chosen["kind"] == "variant"
-    assert chosen["accuracy"]["accuracy"] >= selection["accuracy_floor"] - 1e-9
-    assert selection["files"]["model.onnx"]["sha256"] == chosen["sha256"]
-    faster = [e for e in res["entries"] if e["kind"] == "variant" and e["name"] in selection["eligible"]
-              and e["single_stream"]["p50_ms"] < chosen["single_stream"]["p50_ms"]]
+    selection = read(out / "selected.json", Selection)
+    manifest, entry, record = selection.resolve()  # the manifest by sha256, the variant's files verified
+    assert not selection.manifest.startswith("/")  # relative: the pair can move together
+    chosen = next(e for e in res["entries"] if e["name"] == selection.variant)
+    assert chosen["kind"] == "variant" and record.name == selection.variant
+    assert chosen["accuracy"]["accuracy"] >= selection.rule["accuracy_floor"] - 1e-9
+    assert entry.files["model.onnx"]["sha256"] == chosen["sha256"]
+    assert selection.figures["single_stream"] == chosen["single_stream"]
+    faster = [
+        e
+        for e in res["entries"]
+        if e["kind"] == "variant"
+        and e["name"] in selection.rule["eligible"]
+        and e["single_stream"]["p50_ms"] < chosen["single_stream"]["p50_ms"]
+    ]
     assert faster == []
 
 
@@ -55,8 +81,12 @@ def _entry(name, p50, acc, kind="variant"):
 
 
 def test_selection_respects_budget():
-    entries = [_entry("onnx-fp32", 5.0, 0.80), _entry("int8-dynamic", 2.0, 0.795), _entry("pruned-int8", 1.0, 0.70),
-               _entry(BASELINE_B, 0.5, 0.80, kind="baseline")]
+    entries = [
+        _entry("onnx-fp32", 5.0, 0.80),
+        _entry("int8-dynamic", 2.0, 0.795),
+        _entry("pruned-int8", 1.0, 0.70),
+        _entry(BASELINE_B, 0.5, 0.80, kind="baseline"),
+    ]
     chosen = select(entries, 0.99)
     assert chosen["variant"] == "int8-dynamic" and chosen["budget_met"]
     assert chosen["eligible"] == ["onnx-fp32", "int8-dynamic"] and chosen["accuracy_floor"] == 0.792

@@ -1,14 +1,13 @@
-import json
 import subprocess
 import sys
 
 import pandas as pd
 import pytest
 
+from serve.contract import TrainManifest, UserError, read
 from tests.conftest import REPO
 from train.data import DataSpec, load_splits
-from train.errors import UserError
-from train.train import MANIFEST, TrainConfig, train
+from train.train import TrainConfig, train
 
 
 def test_default_split_is_movie_disjoint_and_deterministic():
@@ -27,8 +26,9 @@ def test_default_split_is_movie_disjoint_and_deterministic():
 
 @pytest.mark.parametrize("suffix", ["csv", "jsonl"])
 def test_local_files_with_custom_columns(tmp_path, suffix):
-    rows = pd.DataFrame({"sentence": [f"text number {i}" for i in range(30)],
-                         "topic": ["sport", "music", "politics"] * 10})
+    rows = pd.DataFrame(
+        {"sentence": [f"text number {i}" for i in range(30)], "topic": ["sport", "music", "politics"] * 10}
+    )
     path = tmp_path / f"data.{suffix}"
     rows.to_csv(path, index=False) if suffix == "csv" else rows.to_json(path, orient="records", lines=True)
     splits = load_splits(DataSpec(source=str(path), text_column="sentence", label_column="topic"))
@@ -43,12 +43,15 @@ def _write(tmp_path, name, text):
     return str(path)
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "does not exist"),
-    ("", "cannot parse data file"),
-    ("sentence,label\nhello,a\nworld,b\n", "has no column\\(s\\) text"),
-    ("text,label\nhello,a\nworld,a\nagain,a\n", "has a single class"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "does not exist"),
+        ("", "cannot parse data file"),
+        ("sentence,label\nhello,a\nworld,b\n", "has no column\\(s\\) text"),
+        ("text,label\nhello,a\nworld,a\nagain,a\n", "has a single class"),
+    ],
+)
 def test_bad_data_is_a_clear_error(tmp_path, content, message):
     path = str(tmp_path / "missing.csv") if content is None else _write(tmp_path, "d.csv", content)
     with pytest.raises(UserError, match=message):
@@ -64,12 +67,17 @@ def test_unknown_model_path(tmp_path):
 
 
 def test_cli_prints_one_line_and_exits_non_zero(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "train", "--data", str(tmp_path / "x.csv"),
-                           "--output", str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", "--data", str(tmp_path / "x.csv"), "--output", str(tmp_path / "o")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: data file {tmp_path / 'x.csv'} does not exist"
-    bad_flag = subprocess.run([sys.executable, "-m", "train", "--batch-size", "0"], cwd=REPO,
-                              capture_output=True, text=True)
+    bad_flag = subprocess.run(
+        [sys.executable, "-m", "train", "--batch-size", "0"], cwd=REPO, capture_output=True, text=True
+    )
     assert bad_flag.returncode == 2 and "Traceback" not in bad_flag.stderr
     assert "--batch-size must be >= 1" in bad_flag.stderr
 
@@ -78,11 +86,11 @@ def test_tiny_training_run_end_to_end(tiny_model):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    manifest = json.loads((tiny_model / MANIFEST).read_text())
-    assert manifest["labels"] == ["fresh", "rotten"]
-    assert manifest["data"]["sizes"] == {"train": 2048, "validation": 128, "test": 128}
-    assert manifest["train"]["steps"] == 60
-    assert set(manifest["metrics"]["test"]) == {"accuracy", "macro_f1"}
+    manifest = read(tiny_model, TrainManifest)
+    assert manifest.data["label_names"] == ["fresh", "rotten"] and manifest.model_type == "bert"
+    assert manifest.data["sizes"] == {"train": 2048, "validation": 128, "test": 128}
+    assert manifest.train["steps"] == 60
+    assert set(manifest.metrics["test"]) == {"accuracy", "macro_f1"}
     assert (tiny_model / "model.safetensors").is_file()
 
     # Reload from disk and predict: the reloaded model reproduces the recorded test accuracy.
@@ -94,7 +102,7 @@ def test_tiny_training_run_end_to_end(tiny_model):
         batch = tokenizer(test["text"].tolist(), truncation=True, max_length=64, padding=True, return_tensors="pt")
         preds = model(**batch).logits.argmax(-1).numpy()
     accuracy = float((preds == (test["label"] == "rotten").to_numpy()).mean())
-    assert accuracy == pytest.approx(manifest["metrics"]["test"]["accuracy"], abs=1e-4)
+    assert accuracy == pytest.approx(manifest.metrics["test"]["accuracy"], abs=1e-4)
     assert accuracy > 0.65  # 60 steps already learn something
 
     # The same output directory is not silently replaced.
@@ -103,12 +111,22 @@ def test_tiny_training_run_end_to_end(tiny_model):
 
 
 def test_lora_trains_few_parameters_and_merges(tmp_path):
-    manifest = train(TrainConfig(output=str(tmp_path / "lora"), method="lora", max_train_samples=64,
-                                 max_eval_samples=32, max_steps=2, batch_size=16, max_length=32))
-    params = manifest["parameters"]
+    manifest = train(
+        TrainConfig(
+            output=str(tmp_path / "lora"),
+            method="lora",
+            max_train_samples=64,
+            max_eval_samples=32,
+            max_steps=2,
+            batch_size=16,
+            max_length=32,
+        )
+    )
+    params = manifest.parameters
     assert params["trainable"] < params["total"] * 0.1
     saved = (tmp_path / "lora" / "config.json").read_text()
     assert "lora" not in saved.lower()
     from safetensors import safe_open
+
     with safe_open(tmp_path / "lora" / "model.safetensors", "pt") as fh:
         assert not [k for k in fh.keys() if "lora" in k]

@@ -1,4 +1,4 @@
-from train.errors import run_cli
+from serve.contract import run_cli
 from train.train import main
 
 run_cli(main)

@@ -14,6 +14,8 @@ import types
 import typing
 from typing import Any, Literal, TypeVar
 
+from serve.contract import UserError
+
 T = TypeVar("T")
 
 
@@ -21,8 +23,6 @@ class ConfigParser(argparse.ArgumentParser):
     """argparse whose errors are one line (``UserError``), like every other bad input."""
 
     def error(self, message: str):  # type: ignore[override]
-        from train.errors import UserError
-
         raise UserError(f"{message} (see {self.prog} --help)")
 
 

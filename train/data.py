@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from train.checksum import sha256_file
-from train.errors import UserError
+from serve.contract import UserError, sha256_file
 
 DEFAULT_DATA = "rotten-tomatoes"
 DEFAULT_MODEL = "all-minilm-l6-v2"
@@ -141,11 +140,20 @@ def load_frame(spec: DataSpec) -> tuple[pd.DataFrame, str, DataSpec]:
         path = _rotten_tomatoes_path()
         frame = pd.read_csv(path)
         frame = frame[frame["category"].isin(["fresh", "rotten"])]  # drop the 'plot' rows
-        spec = DataSpec(**{**spec.__dict__, "text_column": "text", "label_column": "category",
-                           "group_column": spec.group_column or "movie_name"})
+        spec = DataSpec(
+            **{
+                **spec.__dict__,
+                "text_column": "text",
+                "label_column": "category",
+                "group_column": spec.group_column or "movie_name",
+            }
+        )
         sha = sha256_file(path)
-    elif spec.source.endswith(_TABLE_SUFFIXES) or Path(spec.source).suffix in (".bz2", ".gz") \
-            or Path(spec.source).exists():
+    elif (
+        spec.source.endswith(_TABLE_SUFFIXES)
+        or Path(spec.source).suffix in (".bz2", ".gz")
+        or Path(spec.source).exists()
+    ):
         path = Path(spec.source)
         frame = _read_table(path)
         sha = sha256_file(path)
@@ -186,8 +194,11 @@ def spec_from_description(description: dict) -> DataSpec:
 
 def load_splits(spec: DataSpec) -> Splits:
     """Load the source and split it train / validation / test, deterministically from the seed."""
-    if not (0 < spec.validation_fraction < 1 and 0 < spec.test_fraction < 1
-            and spec.validation_fraction + spec.test_fraction < 1):
+    if not (
+        0 < spec.validation_fraction < 1
+        and 0 < spec.test_fraction < 1
+        and spec.validation_fraction + spec.test_fraction < 1
+    ):
         raise UserError("validation and test fractions must lie in (0, 1) and sum to less than 1")
     frame, sha, spec = load_frame(spec)
     rng = np.random.default_rng(spec.seed)
@@ -199,7 +210,7 @@ def load_splits(spec: DataSpec) -> Splits:
         n_val = int(round(len(frame) * spec.validation_fraction))
         split_of = np.full(len(frame), "train", dtype=object)
         split_of[order[:n_test]] = "test"
-        split_of[order[n_test:n_test + n_val]] = "validation"
+        split_of[order[n_test : n_test + n_val]] = "validation"
         groups = None
     parts = {name: frame[split_of == name].reset_index(drop=True) for name in ("train", "validation", "test")}
     for name, part in parts.items():

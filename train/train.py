@@ -21,33 +21,51 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from serve.contract import TRAIN_MANIFEST, TrainManifest, UserError, run_cli, write
 from train.cliargs import ConfigParser, add_config_args, config_from_args
 from train.data import DEFAULT_DATA, DEFAULT_MODEL, DataSpec, Splits, load_splits, resolve_model
-from train.errors import UserError, run_cli
-
-MANIFEST = "train_manifest.json"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "base encoder: the embedded default, a local directory or a hub id"})
-    data: str = field(default=DEFAULT_DATA, metadata={"help": "the embedded default, a CSV/TSV/JSONL file, or a hub dataset name"})
+    model: str = field(
+        default=DEFAULT_MODEL, metadata={"help": "base encoder: the embedded default, a local directory or a hub id"}
+    )
+    data: str = field(
+        default=DEFAULT_DATA, metadata={"help": "the embedded default, a CSV/TSV/JSONL file, or a hub dataset name"}
+    )
     text_column: str = field(default="text", metadata={"help": "text column of a data file"})
     label_column: str = field(default="label", metadata={"help": "label column of a data file"})
-    group_column: str | None = field(default=None, metadata={"help": "keep each value of this column in one split (default data: movie_name)"})
+    group_column: str | None = field(
+        default=None, metadata={"help": "keep each value of this column in one split (default data: movie_name)"}
+    )
     output: str = field(default="artifacts/model", metadata={"help": "model directory to write"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing model in --output"})
-    method: Literal["full", "lora"] = field(default="full", metadata={"help": "full fine-tuning or LoRA adapters (merged at the end)"})
+    method: Literal["full", "lora"] = field(
+        default="full", metadata={"help": "full fine-tuning or LoRA adapters (merged at the end)"}
+    )
     seed: int = field(default=42, metadata={"help": "seed for the split, the head initialisation and shuffling"})
-    max_length: int = field(default=128, metadata={"help": "tokens per text; longer texts are truncated (median snippet: ~25 tokens)"})
-    epochs: float = field(default=2.0, metadata={"help": "passes over the training split (early stopping may end sooner)"})
+    max_length: int = field(
+        default=128, metadata={"help": "tokens per text; longer texts are truncated (median snippet: ~25 tokens)"}
+    )
+    epochs: float = field(
+        default=2.0, metadata={"help": "passes over the training split (early stopping may end sooner)"}
+    )
     max_steps: int = field(default=-1, metadata={"help": "stop after this many optimizer steps (-1: use --epochs)"})
-    max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training rows (for quick runs)"})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "use only the first N validation and test rows (for quick runs)"})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "use only the first N training rows (for quick runs)"}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "use only the first N validation and test rows (for quick runs)"}
+    )
     batch_size: int = field(default=32, metadata={"help": "examples per device step"})
     grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
-    learning_rate: float = field(default=1e-4, metadata={"help": "peak AdamW learning rate; small encoders like a higher one than BERT-base"})
-    lora_learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate with --method lora (adapters need ~10x full FT)"})
+    learning_rate: float = field(
+        default=1e-4, metadata={"help": "peak AdamW learning rate; small encoders like a higher one than BERT-base"}
+    )
+    lora_learning_rate: float = field(
+        default=1e-3, metadata={"help": "peak learning rate with --method lora (adapters need ~10x full FT)"}
+    )
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     warmup_ratio: float = field(default=0.06, metadata={"help": "fraction of steps of linear warm-up"})
     eval_steps: int = field(default=100, metadata={"help": "evaluate on validation every N steps"})
@@ -77,19 +95,27 @@ class TrainConfig:
 
     @property
     def data_spec(self) -> DataSpec:
-        return DataSpec(source=self.data, text_column=self.text_column, label_column=self.label_column,
-                        group_column=self.group_column, seed=self.seed)
+        return DataSpec(
+            source=self.data,
+            text_column=self.text_column,
+            label_column=self.label_column,
+            group_column=self.group_column,
+            seed=self.seed,
+        )
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> TrainManifest:
     parser = ConfigParser(prog="python -m train", description=__doc__.split("\n\n")[0])
     add_config_args(parser, TrainConfig)
     config = config_from_args(TrainConfig, parser.parse_args(argv))
     return train(config)
 
 
-def train(config: TrainConfig) -> dict:
-    """Fine-tune, evaluate and save; returns the manifest that was written."""
+def train(config: TrainConfig) -> TrainManifest:
+    """Fine-tune, evaluate and save the model directory; returns the manifest written into it.
+
+    Raises UserError for bad data, model or output before any training starts.
+    """
     output = Path(config.output).resolve()
     _check_output(output, config.overwrite)
     model_path = resolve_model(config.model)
@@ -108,8 +134,10 @@ def train(config: TrainConfig) -> dict:
         torch.set_num_threads(config.threads)
     transformers.set_seed(config.seed)
     tokenizer, model = _load_model(model_path, splits.label_names, config.max_length)
-    train_ds, val_ds, test_ds = (_tokenize(tokenizer, part, splits.label_names, config.max_length)
-                                 for part in (splits.train, splits.validation, splits.test))
+    train_ds, val_ds, test_ds = (
+        _tokenize(tokenizer, part, splits.label_names, config.max_length)
+        for part in (splits.train, splits.validation, splits.test)
+    )
     if config.method == "lora":
         model = _wrap_lora(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -131,15 +159,28 @@ def train(config: TrainConfig) -> dict:
         model.save_pretrained(model_dir, safe_serialization=True)
         tokenizer.model_max_length = config.max_length
         tokenizer.save_pretrained(model_dir)
-        manifest = _manifest(config, model_path, splits, trainable, total, result, train_seconds, validation, test)
-        (model_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest = _manifest(
+            config,
+            model_path,
+            model.config.model_type,
+            splits,
+            trainable,
+            total,
+            result,
+            train_seconds,
+            validation,
+            test,
+        )
+        write(model_dir / TRAIN_MANIFEST, manifest)
         (model_dir / "split_groups.json").write_text(json.dumps(splits.groups, indent=1) + "\n")
         _replace_dir(model_dir, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    m = manifest["metrics"]
-    print(f"test accuracy={m['test']['accuracy']:.4f} macro_f1={m['test']['macro_f1']:.4f} "
-          f"(validation {m['validation']['accuracy']:.4f}); trained in {train_seconds / 60:.1f} min -> {output}")
+    m = manifest.metrics
+    print(
+        f"test accuracy={m['test']['accuracy']:.4f} macro_f1={m['test']['macro_f1']:.4f} "
+        f"(validation {m['validation']['accuracy']:.4f}); trained in {train_seconds / 60:.1f} min -> {output}"
+    )
     return manifest
 
 
@@ -147,10 +188,15 @@ def _check_output(output: Path, overwrite: bool) -> None:
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file; expected a directory")
     if output.is_dir() and any(output.iterdir()):
-        if not (output / MANIFEST).exists():  # --overwrite never deletes what train/ did not write
-            raise UserError(f"--output {output} holds other files, not a trained model; choose an empty or new directory")
+        if not (output / TRAIN_MANIFEST).exists():  # --overwrite never deletes what train/ did not write
+            raise UserError(
+                f"--output {output} holds other files, not a trained model; choose an empty or new directory"
+            )
         if not overwrite:
-            raise UserError(f"--output {output} already holds a trained model; pass --overwrite to replace it or choose another --output")
+            raise UserError(
+                f"--output {output} already holds a trained model; "
+                "pass --overwrite to replace it or choose another --output"
+            )
     output.parent.mkdir(parents=True, exist_ok=True)
 
 
@@ -174,14 +220,17 @@ def _load_model(model_path: str, label_names: list[str], max_length: int):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         model = AutoModelForSequenceClassification.from_pretrained(
-            model_path, num_labels=len(label_names), id2label=id2label, label2id=label2id)
+            model_path, num_labels=len(label_names), id2label=id2label, label2id=label2id
+        )
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load model {model_path!r}: {str(err).splitlines()[0]}") from None
     finally:
         hf_logging.set_verbosity_warning()
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions and max_length > positions:
-        raise UserError(f"--max-length {max_length} exceeds the model's {positions} positions; use --max-length <= {positions}")
+        raise UserError(
+            f"--max-length {max_length} exceeds the model's {positions} positions; use --max-length <= {positions}"
+        )
     return tokenizer, model
 
 
@@ -191,18 +240,26 @@ def _tokenize(tokenizer, frame, label_names: list[str], max_length: int):
     label_ids = {name: i for i, name in enumerate(label_names)}
     ds = Dataset.from_dict({"text": frame["text"].tolist(), "labels": [label_ids[x] for x in frame["label"]]})
     # No padding here: DataCollatorWithPadding pads each batch to its own longest text.
-    return ds.map(lambda b: tokenizer(b["text"], truncation=True, max_length=max_length),
-                  batched=True, remove_columns=["text"], desc="tokenize")
+    return ds.map(
+        lambda b: tokenizer(b["text"], truncation=True, max_length=max_length),
+        batched=True,
+        remove_columns=["text"],
+        desc="tokenize",
+    )
 
 
 def _wrap_lora(model, config: TrainConfig):
     from peft import LoraConfig, TaskType, get_peft_model
 
-    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=config.lora_r, lora_alpha=config.lora_alpha,
-                      lora_dropout=config.lora_dropout,
-                      # every linear layer of the encoder: attention projections and the FFN
-                      target_modules=["query", "key", "value", "dense"],
-                      modules_to_save=["classifier", "pooler"])
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        # every linear layer of the encoder: attention projections and the FFN
+        target_modules=["query", "key", "value", "dense"],
+        modules_to_save=["classifier", "pooler"],
+    )
     return get_peft_model(model, lora)
 
 
@@ -211,7 +268,10 @@ def compute_metrics(eval_pred) -> dict:
 
     logits, labels = eval_pred
     preds = logits.argmax(-1)
-    return {"accuracy": float(accuracy_score(labels, preds)), "macro_f1": float(f1_score(labels, preds, average="macro"))}
+    return {
+        "accuracy": float(accuracy_score(labels, preds)),
+        "macro_f1": float(f1_score(labels, preds, average="macro")),
+    }
 
 
 def _make_trainer(config: TrainConfig, model, tokenizer, train_ds, val_ds, checkpoints: Path):
@@ -250,34 +310,45 @@ def _make_trainer(config: TrainConfig, model, tokenizer, train_ds, val_ds, check
         dataloader_pin_memory=cuda,
         disable_tqdm=False,
     )
-    return Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                   data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
-                   compute_metrics=compute_metrics,
-                   callbacks=[EarlyStoppingCallback(early_stopping_patience=config.patience)])
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=config.patience)],
+    )
 
 
-def _manifest(config, model_path, splits: Splits, trainable, total, result, seconds, validation, test) -> dict:
+def _manifest(
+    config, model_path, model_type, splits: Splits, trainable, total, result, seconds, validation, test
+) -> TrainManifest:
     import importlib.metadata as md
 
     versions = {pkg: md.version(pkg) for pkg in ("torch", "transformers", "peft", "datasets", "accelerate")}
-    pick = lambda metrics, prefix: {k: round(metrics[f"{prefix}_{k}"], 5) for k in ("accuracy", "macro_f1")}
-    return {
-        "kind": "trimserve.model",
-        "base_model": config.model,
-        "base_model_path": model_path,
-        "method": config.method,
-        "data": splits.describe(),
-        "labels": splits.label_names,
-        "max_length": config.max_length,
-        "seed": config.seed,
-        "hyperparameters": asdict(config),
-        "parameters": {"total": total, "trainable": trainable},
-        "metrics": {"validation": pick(validation, "validation"), "test": pick(test, "test")},
-        "train": {"seconds": round(seconds, 1), "steps": result.global_step, "loss": round(result.training_loss, 5),
-                  "threads": os.cpu_count() if config.threads is None else config.threads},
-        "versions": {"python": platform.python_version(), **versions},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    pick = lambda metrics, prefix: {k: round(metrics[f"{prefix}_{k}"], 5) for k in ("accuracy", "macro_f1")}  # noqa: E731
+    return TrainManifest(
+        base_model=config.model,
+        base_model_path=model_path,
+        model_type=model_type,
+        method=config.method,
+        data=splits.describe(),
+        max_length=config.max_length,
+        seed=config.seed,
+        hyperparameters=asdict(config),
+        parameters={"total": total, "trainable": trainable},
+        metrics={"validation": pick(validation, "validation"), "test": pick(test, "test")},
+        train={
+            "seconds": round(seconds, 1),
+            "steps": result.global_step,
+            "loss": round(result.training_loss, 5),
+            "threads": os.cpu_count() if config.threads is None else config.threads,
+        },
+        versions={"python": platform.python_version(), **versions},
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import os
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -187,8 +188,11 @@ def run(config: PerfConfig) -> dict:
         _sweep(entries, engines, config)
     del engines
     if "memory" in config.scenarios:
-        for entry in tqdm(entries, desc="memory"):
-            entry["memory"] = peak_memory(entry, spec, texts[:64])
+        # Each probe is a process of its own, so two at a time measure the same peaks in half the time.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            probes = pool.map(lambda entry: peak_memory(entry, spec, texts[:64]), entries)
+            for entry, memory in zip(entries, tqdm(probes, total=len(entries), desc="memory"), strict=True):
+                entry["memory"] = memory
 
     results = {
         "kind": "trimserve.perf",

@@ -108,7 +108,7 @@ class ServerProcess:
         if self.process.poll() is None:
             os.kill(self.pid, signal.SIGTERM)
 
-    def stop(self, timeout_s: float = 20) -> int:
+    def stop(self, timeout_s: float = 5) -> int:
         """SIGTERM to the whole process group; SIGKILL after ``timeout_s``. Returns the exit status."""
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):

@@ -1,16 +1,21 @@
-"""What perf's load tools share: their base config, the server they start, and the open-loop sender.
+"""What perf's load tools share: their base config, the server they start, and the load itself.
 
 ``LoadBase`` is the config both ``perf.loadgen`` and ``perf.reliability`` extend.  ``served``
-starts a real ``bentoml serve`` with a fresh key; ``fire`` sends an open-loop stream of
-requests with aiohttp at scheduled times (MLPerf's Server scenario: request i goes out at
-its time whatever happened to the earlier ones, and its latency runs from that time, so
-waiting inside the client counts); ``summarize`` turns the answers into a ``RateResult``.
+starts a real ``bentoml serve`` with a fresh key.  Load comes two ways:
 
-The sender is aiohttp because it holds up past capacity: httpx took 10 ms of client CPU per
+* open loop, MLPerf's Server scenario: :func:`server_scenario` lets MLPerf Inference LoadGen
+  (``mlcommons-loadgen``) issue queries at Poisson-distributed times for a target rate; the
+  SUT (:class:`HttpSut`) sends each one as a request with aiohttp on an event loop of its own
+  and completes it when the answer is in.  LoadGen times each query from its scheduled
+  issue to its completion and gives its verdict (VALID / INVALID: latency bound at the 99th
+  percentile, duration, query count, early stopping); the SUT keeps each answer's status
+  and latency, for error shares and per-window figures LoadGen does not report.
+* closed loop: :func:`closed_loop` keeps N clients each sending its next request as soon as
+  the previous one is answered (the 32-client batching comparison).
+
+The client is aiohttp because it holds up past capacity: httpx took 10 ms of client CPU per
 request at ~150 requests/s here (its pool gets slower as connections pile up), so the client,
-not the server, set the pace.  Results are kept in preallocated arrays and each request's
-task is created at its send time: an object per request made the client's garbage collector
-slower over a 10-minute soak, and creating 30,000 tasks up front sent a burst at the start.
+not the server, set the pace.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import asyncio
 import contextlib
 import ipaddress
 import os
+import re
 import secrets
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -34,7 +41,7 @@ from serve.contract import Selection, UserError, VariantEntry, VariantRecord, Va
 from serve.launch import REPO, ServerProcess
 from train.data import load_splits, spec_from_description
 
-# Status codes for requests that got no HTTP answer, in the arrays fire() fills.
+# Status codes for requests that got no HTTP answer, in the arrays the load functions fill.
 TIMEOUT, CONNECTION_ERROR = -1, -2
 
 
@@ -66,11 +73,24 @@ class LoadBase:
         metadata={"help": "pin this load generator to these cores (default: all, then it competes with the server)"},
     )
     working_dir: str = field(default=str(REPO), metadata={"help": "checkout whose serve/ is started"})
+    server_env: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "extra TRIMSERVE_*=value settings for the servers started, e.g. TRIMSERVE_MAX_CONCURRENCY=16"
+        },
+    )
     output: str = field(default="artifacts/perf", metadata={"help": "report directory"})
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0 or self.connections < 1 or self.warmup_requests < 0 or self.threads < 0:
             raise UserError("--timeout-s must be > 0, --connections >= 1, --warmup-requests and --threads >= 0")
+        bad = [s for s in self.server_env if "=" not in s or not s.startswith(("TRIMSERVE_", "BENTOML_"))]
+        if bad:
+            raise UserError(f"--server-env {bad[0]!r} is not valid: expected TRIMSERVE_NAME=value")
+
+    @property
+    def extra_env(self) -> dict[str, str]:
+        return dict(s.split("=", 1) for s in self.server_env)
 
     @property
     def thread_count(self) -> int:
@@ -145,8 +165,8 @@ def scored_sentences(manifest: VariantsManifest, seed: int) -> list[str]:
 @contextlib.contextmanager
 def served(
     env: dict, working_dir: str, cpus: tuple[int, ...] = (), ready_timeout_s: float = 180
-) -> Iterator[tuple[str, str, int]]:
-    """``bentoml serve`` on a free loopback port with a fresh key; yields (url, key, pid)."""
+) -> Iterator[tuple[str, str, ServerProcess]]:
+    """``bentoml serve`` on a free loopback port with a fresh key; yields (url, key, server)."""
     with tempfile.TemporaryDirectory(prefix="loadgen-") as tmp:
         key = secrets.token_urlsafe(24)
         (Path(tmp) / "keys").write_text(key + "\n")
@@ -158,7 +178,10 @@ def served(
             cpus=cpus,
         ) as server:
             print(f"  ready in {server.wait_ready(ready_timeout_s):.1f} s")
-            yield server.url, key, server.pid
+            yield server.url, key, server
+
+
+# --- the client --------------------------------------------------------------------------------
 
 
 def session(url: str, key: str | None, connections: int, timeout_s: float):
@@ -173,12 +196,12 @@ def session(url: str, key: str | None, connections: int, timeout_s: float):
     )
 
 
-async def post(client, text: str) -> int:
-    """POST one text to /classify; the HTTP status, or TIMEOUT / CONNECTION_ERROR."""
+async def post(client, texts: list[str]) -> int:
+    """POST texts to /classify; the HTTP status, or TIMEOUT / CONNECTION_ERROR."""
     import aiohttp
 
     try:
-        async with client.post("/classify", json={"texts": [text]}) as response:
+        async with client.post("/classify", json={"texts": texts}) as response:
             await response.read()
             return response.status
     except TimeoutError:
@@ -188,10 +211,10 @@ async def post(client, text: str) -> int:
 
 
 async def warm_up(client, texts: list[str], n: int) -> None:
-    """Untimed bursts of 8: BentoML runs its first ~10 calls one by one while it calibrates."""
+    """Untimed bursts of 8: the first calls of a fresh server allocate what later ones reuse."""
     for start in range(0, n, 8):
         burst = [texts[i % len(texts)] for i in range(start, min(n, start + 8))]
-        statuses = await asyncio.gather(*(post(client, text) for text in burst))
+        statuses = await asyncio.gather(*(post(client, [text]) for text in burst))
         if statuses and statuses[0] != 200:
             raise UserError(
                 f"the server answered {statuses[0]} to a warm-up request; for --url pass --api-key-file "
@@ -204,58 +227,211 @@ async def metrics_text(client) -> str:
         return await response.text()
 
 
-def poisson_schedule(rate: float, duration_s: float, max_requests: int, seed: int) -> np.ndarray:
-    """Send times (s) of a Poisson stream: exponential gaps of mean 1/rate, within duration_s and max_requests."""
-    rng = np.random.default_rng([seed, round(rate * 1000)])
-    times = np.cumsum(rng.exponential(1 / rate, size=max_requests))
-    return times[times < duration_s]
-
-
 @dataclass
 class Answers:
-    """What came back for each scheduled request: latency (s from its scheduled time) and status."""
+    """What came back for each request: when it was issued (s, client clock), latency (s) and status."""
 
+    issued_s: np.ndarray  # float64 [requests]
     latency_s: np.ndarray  # float64 [requests]
     status: np.ndarray  # int64 [requests]: HTTP status, TIMEOUT or CONNECTION_ERROR
 
+    @classmethod
+    def empty(cls, n: int) -> Answers:
+        return cls(np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int64))
 
-async def fire(client, schedule: np.ndarray, texts: list[str]) -> Answers:
-    """Open loop: request i goes out at ``schedule[i]`` seconds whatever happened to the earlier ones."""
-    loop = asyncio.get_running_loop()
-    start = loop.time() + 0.05
-    answers = Answers(np.zeros(len(schedule)), np.zeros(len(schedule), dtype=np.int64))
 
-    async def one(i: int, text: str) -> None:
-        answers.status[i] = await post(client, text)
-        answers.latency_s[i] = loop.time() - (start + schedule[i])
+class ClientLoop:
+    """An asyncio event loop in a thread of its own, with one aiohttp session: LoadGen's SUT calls into it."""
 
-    pending: set[asyncio.Task] = set()
-    for i, at in enumerate(schedule):
-        await asyncio.sleep(max(0.0, start + at - loop.time()))
-        task = asyncio.create_task(one(i, texts[i % len(texts)]))
-        pending.add(task)
-        task.add_done_callback(pending.discard)
-    while pending:
-        await asyncio.wait(set(pending))
-    return answers
+    def __init__(self, url: str, key: str | None, connections: int, timeout_s: float):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="loadgen-client", daemon=True)
+        self.thread.start()
+        self.client = self.run(self._open(url, key, connections, timeout_s))
+
+    async def _open(self, url, key, connections, timeout_s):
+        return session(url, key, connections, timeout_s)
+
+    def run(self, coroutine, timeout_s: float | None = None):
+        """Run a coroutine on the client loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
+
+    def close(self) -> None:
+        self.run(self.client.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+class HttpSut:
+    """MLPerf LoadGen's system under test: each query sample is one /classify request of one text.
+
+    ``issue_query`` runs on LoadGen's thread; the request runs on the client loop; its
+    completion goes back to LoadGen with ``QuerySamplesComplete``.  Every sample is completed,
+    answered or not, and its status kept, so failures count as failures (LoadGen itself only
+    sees latency).
+    """
+
+    def __init__(self, client: ClientLoop, texts: list[str], expected: int):
+        import mlperf_loadgen as lg
+
+        self.lg, self.client, self.texts = lg, client, texts
+        self.answers = Answers.empty(expected)
+        self.count = 0
+        self.origin = time.perf_counter()
+        self.handle = lg.ConstructSUT(self.issue_query, self.flush_queries)
+
+    def issue_query(self, samples) -> None:
+        for sample in samples:
+            i, self.count = self.count, self.count + 1
+            if i >= len(self.answers.status):  # LoadGen may issue a few more than asked
+                self.answers = Answers(*(np.concatenate([a, np.zeros_like(a)]) for a in asdict(self.answers).values()))
+            self.answers.issued_s[i] = time.perf_counter() - self.origin
+            asyncio.run_coroutine_threadsafe(self._send(i, sample), self.client.loop)
+
+    async def _send(self, i: int, sample) -> None:
+        status = await post(self.client.client, [self.texts[sample.index % len(self.texts)]])
+        self.answers.status[i] = status
+        self.answers.latency_s[i] = time.perf_counter() - self.origin - self.answers.issued_s[i]
+        self.lg.QuerySamplesComplete([self.lg.QuerySampleResponse(sample.id, 0, 0)])
+
+    def flush_queries(self) -> None:
+        pass
+
+    def take(self) -> Answers:
+        """The answers so far, trimmed to the samples issued."""
+        n = self.count
+        return Answers(
+            self.answers.issued_s[:n].copy(), self.answers.latency_s[:n].copy(), self.answers.status[:n].copy()
+        )
+
+
+def server_scenario(
+    client: ClientLoop, texts: list[str], rate: float, duration_s: float, p99_bound_ms: float, seed: int, log_dir: Path
+) -> tuple[Answers, dict]:
+    """LoadGen's Server scenario at ``rate`` queries/s for ``duration_s``: the answers and LoadGen's summary.
+
+    The summary is LoadGen's own mlperf_log_summary.txt as a dict (``result`` VALID/INVALID,
+    ``completed_samples_per_second``, ``p50_ms`` ... ``p99_ms``, ``early_stopping_p99_ms``...);
+    the log files stay in ``log_dir``.
+    """
+    import mlperf_loadgen as lg
+
+    settings = lg.TestSettings()
+    settings.scenario = lg.TestScenario.Server
+    settings.mode = lg.TestMode.PerformanceOnly
+    settings.server_target_qps = rate
+    settings.server_target_latency_ns = int(p99_bound_ms * 1e6)
+    settings.server_target_latency_percentile = 0.99
+    settings.min_duration_ms = settings.max_duration_ms = int(duration_s * 1000)
+    settings.min_query_count = 1
+    settings.schedule_rng_seed = settings.sample_index_rng_seed = settings.qsl_rng_seed = seed
+    log_dir.mkdir(parents=True, exist_ok=True)
+    logs = lg.LogSettings()
+    logs.log_output.outdir = str(log_dir)
+    logs.log_output.copy_summary_to_stdout = False
+    logs.enable_trace = False
+    sut = HttpSut(client, texts, int(rate * duration_s * 1.2) + 16)
+    qsl = lg.ConstructQSL(len(texts), len(texts), lambda _: None, lambda _: None)
+    try:
+        lg.StartTestWithLogSettings(sut.handle, qsl, settings, logs)
+    finally:
+        lg.DestroyQSL(qsl)
+        lg.DestroySUT(sut.handle)
+    return sut.take(), loadgen_summary(log_dir / "mlperf_log_summary.txt")
+
+
+def loadgen_summary(path: Path) -> dict:
+    """The figures of LoadGen's mlperf_log_summary.txt, latencies in ms."""
+    fields = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() and value.strip():
+            fields[key.strip()] = value.strip()
+    ms = lambda key: round(int(fields[key]) / 1e6, 3) if key in fields else None  # noqa: E731
+    early = next(
+        (
+            float(m.group(1)) / 1e6
+            for line in path.read_text().splitlines()
+            if (m := re.search(r"Early stopping 99(?:\.00)?th percentile estimate\s*:\s*(\d+)", line))
+        ),
+        None,
+    )
+    return {
+        "result": fields.get("Result is"),
+        "scenario": fields.get("Scenario"),
+        "completed_samples_per_second": float(fields.get("Completed samples per second", "nan")),
+        "scheduled_samples_per_second": float(fields.get("Scheduled samples per second", "nan")),
+        "early_stopping_satisfied": fields.get("Early stopping satisfied"),
+        "performance_constraints_satisfied": fields.get("Performance constraints satisfied"),
+        "p50_ms": ms("50.00 percentile latency (ns)"),
+        "p90_ms": ms("90.00 percentile latency (ns)"),
+        "p99_ms": ms("99.00 percentile latency (ns)"),
+        "max_ms": ms("Max latency (ns)"),
+        "early_stopping_p99_ms": round(early, 3) if early is not None else None,
+    }
+
+
+def closed_loop(
+    client: ClientLoop, texts: list[str], clients: int, duration_s: float, texts_per_request: int = 1
+) -> Answers:
+    """``clients`` concurrent clients, each sending its next request when the last is answered."""
+
+    async def run() -> Answers:
+        answers, origin, stop = Answers.empty(0), time.perf_counter(), time.perf_counter() + duration_s
+        records: list[tuple[float, float, int]] = []
+
+        async def one(c: int) -> None:
+            i = c
+            while time.perf_counter() < stop:
+                issued = time.perf_counter()
+                batch = [texts[(i + k) % len(texts)] for k in range(texts_per_request)]
+                status = await post(client.client, batch)
+                records.append((issued - origin, time.perf_counter() - issued, status))
+                i += clients
+
+        await asyncio.gather(*(one(c) for c in range(clients)))
+        if records:
+            issued, latency, status = zip(*records, strict=True)
+            answers = Answers(np.array(issued), np.array(latency), np.array(status, dtype=np.int64))
+        return answers
+
+    return client.run(run())
 
 
 class CpuClock:
-    """CPU seconds of this process (the client) and of the server's process tree, when it is ours."""
+    """CPU seconds of this process (the client) and of the server's process tree, with its worker threads by name."""
 
-    def __init__(self, server_pid: int | None):
-        self.server = psutil.Process(server_pid) if server_pid else None
+    def __init__(self, server: ServerProcess | None):
+        self.server = psutil.Process(server.pid) if server else None
 
-    def read(self) -> tuple[float, float | None]:
-        if self.server is None:
-            return time.process_time(), None
-        tree = [self.server, *self.server.children(recursive=True)]
-        return time.process_time(), sum(sum(p.cpu_times()[:2]) for p in tree)
+    def read(self) -> dict:
+        out = {"client": time.process_time()}
+        if self.server is not None:
+            tree = [self.server, *self.server.children(recursive=True)]
+            out["server"] = sum(sum(p.cpu_times()[:2]) for p in tree)
+            for worker in self.server.children(recursive=True):
+                for thread in _threads(worker.pid):
+                    out[f"thread:{thread[0]}"] = out.get(f"thread:{thread[0]}", 0.0) + thread[1]
+        return out
 
     @staticmethod
-    def per_request(before: tuple, after: tuple, n: int) -> tuple[float | None, float | None]:
-        ms = lambda a, b: None if a is None or not n else round(1e3 * (b - a) / n, 2)  # noqa: E731
-        return ms(before[0], after[0]), ms(before[1], after[1])
+    def per_request(before: dict, after: dict, n: int) -> dict:
+        """CPU milliseconds per request between two readings, by part (client, server, server threads)."""
+        return {k: round(1e3 * (after[k] - before.get(k, 0.0)) / n, 3) for k in after} if n else {}
+
+
+def _threads(pid: int) -> list[tuple[str, float]]:
+    """(name, CPU seconds) of each thread of ``pid``; the main thread is named 'event-loop'."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        found.append(("event-loop" if task.name == str(pid) else name, (int(fields[11]) + int(fields[12])) / ticks))
+    return found
 
 
 @dataclass
@@ -269,8 +445,8 @@ class RateResult:
     p50_ms: float | None  # latency percentiles of the 200s
     p90_ms: float | None
     p99_ms: float | None
-    client_cpu_ms: float | None = None  # CPU time per request: the load generator's process...
-    server_cpu_ms: float | None = None  # ...and the server's processes (arbiter and workers)
+    cpu_ms: dict = field(default_factory=dict)  # CPU per request: client, server, server threads by name
+    loadgen: dict | None = None  # LoadGen's own summary (Server scenario)
 
     @property
     def error_share(self) -> float:
@@ -287,17 +463,17 @@ class RateResult:
         }
 
 
-def summarize(answers: Answers, schedule: np.ndarray, rate: float, duration_s: float) -> RateResult:
-    """Counts by status and latency percentiles (ms, of the 200s) of one stream."""
+def summarize(answers: Answers, rate: float, duration_s: float) -> RateResult:
+    """Counts by status and latency percentiles (ms, of the 200s) of one stream of requests."""
     ok = answers.latency_s[answers.status == 200] * 1e3
     codes, counts = np.unique(answers.status[(answers.status != 200) & (answers.status > 0)], return_counts=True)
     errors = int((answers.status <= 0).sum())
     # Arrivals stop at duration_s; the last replies trail behind it.
-    window = float(max([duration_s, *(schedule + answers.latency_s)]))
+    window = float(max([duration_s, *(answers.issued_s + answers.latency_s)]))
     p50, p90, p99 = np.percentile(ok, [50, 90, 99], method="inverted_cdf").round(2).tolist() if len(ok) else [None] * 3
     return RateResult(
         rate,
-        len(schedule),
+        len(answers.status),
         len(ok),
         {str(c): int(n) for c, n in zip(codes, counts, strict=True)},
         errors,

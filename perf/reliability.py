@@ -10,10 +10,10 @@ then against a fresh real ``bentoml serve`` of the selected variant for each pha
              (must be 0), the server's resident memory from start to end (growth < 10 %),
              p99 per window, first window to last (drift < 20 %)
 
-Open-loop Poisson arrivals, one test sentence per request, latency from the scheduled send
-time (perf.loadgen's schedule and statistics; requests sent with aiohttp, which costs the client
-a fraction of httpx's CPU at these rates).  The server's RSS (arbiter + workers) is sampled every
-``--rss-every-s``.  Writes reliability.json and reliability.md.
+Load is MLPerf LoadGen's Server scenario (Poisson arrivals; perf/openloop.py), one test
+sentence per request, latency from each query's scheduled issue; the SUT keeps every answer's
+status and latency for the refusal, hang and per-window figures.  The server's RSS (arbiter
++ workers) is sampled every ``--rss-every-s``.  Writes reliability.json and reliability.md.
 
     python -m perf.reliability                    # both phases, ~11.5 min
     python -m perf.reliability --phases overload --overload-s 20
@@ -21,8 +21,8 @@ a fraction of httpx's CPU at these rates).  The server's RSS (arbiter + workers)
 
 from __future__ import annotations
 
-import asyncio
 import json
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,17 +34,16 @@ from export import machine
 from perf.openloop import (
     TIMEOUT,
     Answers,
+    ClientLoop,
     CpuClock,
     LoadBase,
-    fire,
     metrics_text,
     pick_variant,
     pin,
     placement,
-    poisson_schedule,
     scored_sentences,
     served,
-    session,
+    server_scenario,
     summarize,
     warm_up,
 )
@@ -72,10 +71,6 @@ class ReliabilityConfig(LoadBase):
     soak_s: float = field(default=600.0, metadata={"help": "soak: seconds of arrivals"})
     window_s: float = field(default=60.0, metadata={"help": "soak: p99 and RSS per window of this many seconds"})
     rss_every_s: float = field(default=5.0, metadata={"help": "seconds between samples of the server's RSS"})
-    server_env: tuple[str, ...] = field(
-        default=(),
-        metadata={"help": "extra TRIMSERVE_*=value settings for the server, e.g. TRIMSERVE_MAX_CONCURRENCY=16"},
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,9 +86,6 @@ class ReliabilityConfig(LoadBase):
             self.rss_every_s,
         ) <= 0 or (self.sustainable_rps is not None and self.sustainable_rps <= 0):
             raise UserError("rates, shares, factors and durations must be > 0")
-        bad = [s for s in self.server_env if "=" not in s or not s.startswith("TRIMSERVE_")]
-        if bad:
-            raise UserError(f"--server-env {bad[0]!r} is not valid: expected TRIMSERVE_NAME=value")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -108,15 +100,15 @@ def run(config: ReliabilityConfig) -> dict:
     sustainable = config.sustainable_rps or _sustainable_from(Path(config.load_report))
     threads = config.thread_count
     pin(config.client_cpus)
-    env = {**target.server_env(threads), **dict(s.split("=", 1) for s in config.server_env)}
+    env = {**target.server_env(threads), **config.extra_env}
     print(f"reliability: {target.entry.name}, sustainable {sustainable:g} req/s, {threads} ONNX Runtime threads")
     phases = {}
     for phase in config.phases:
         rate = sustainable * (config.overload_factor if phase == "overload" else config.soak_share)
         duration = config.overload_s if phase == "overload" else config.soak_s
         timeout = config.hang_s if phase == "overload" else config.timeout_s
-        with served(env, config.working_dir, config.server_cpus) as (url, key, pid):
-            raw = asyncio.run(_phase(url, key, pid, texts, rate, duration, timeout, config))
+        with served(env, config.working_dir, config.server_cpus) as (url, key, server):
+            raw = _phase(url, key, server, texts, rate, duration, timeout, config, phase)
         phases[phase] = (_overload if phase == "overload" else _soak)(raw, rate, duration, config)
         print(f"[{phase}] {json.dumps(phases[phase]['summary'])}")
     report = {
@@ -151,38 +143,49 @@ def _sustainable_from(path: Path) -> float:
 # --- one phase against one server -----------------------------------------------------------------
 
 
-async def _phase(
+def _phase(
     url: str,
     key: str,
-    pid: int,
+    server,
     texts: list[str],
     rate: float,
     duration_s: float,
     timeout_s: float,
     config: ReliabilityConfig,
+    phase: str,
 ) -> dict:
-    """Warm up, then the Poisson stream while a task samples the server's RSS."""
-    async with session(url, key, config.connections, timeout_s) as client:
-        await warm_up(client, texts, config.warmup_requests)
-        schedule = poisson_schedule(rate, duration_s, 10**7, config.seed)
+    """Warm up, then LoadGen's Server scenario while a thread samples the server's RSS."""
+    client = ClientLoop(url, key, config.connections, timeout_s)
+    try:
+        client.run(warm_up(client.client, texts, config.warmup_requests))
         rss: list[tuple[float, int]] = []
-        before, cpu = await _server_view(client), CpuClock(pid)
+        stop = threading.Event()
+        sampler = threading.Thread(target=_sample_rss, args=(server.pid, config.rss_every_s, rss, stop), daemon=True)
+        before, cpu = client.run(_server_view(client.client)), CpuClock(server)
         cpu_before = cpu.read()
-        sampler = asyncio.create_task(_sample_rss(pid, config.rss_every_s, rss))
-        answers = await fire(client, schedule, texts)
-        sampler.cancel()
-        rss.append((time.monotonic(), _tree_rss(pid)))
-        server = _server_delta(before, await _server_view(client))
-        server["client_cpu_ms_per_request"], server["server_cpu_ms_per_request"] = cpu.per_request(
-            cpu_before, cpu.read(), len(schedule)
+        sampler.start()
+        answers, loadgen = server_scenario(
+            client,
+            texts,
+            rate,
+            duration_s,
+            100.0,
+            config.seed,
+            Path(config.output) / "loadgen" / f"reliability-{phase}",
         )
+        stop.set()
+        sampler.join()
+        rss.append((time.monotonic(), _tree_rss(server.pid)))
+        view = _server_delta(before, client.run(_server_view(client.client)))
+        cpu_ms = cpu.per_request(cpu_before, cpu.read(), len(answers.status))
+        view["client_cpu_ms_per_request"], view["server_cpu_ms_per_request"] = (
+            cpu_ms.get("client"),
+            cpu_ms.get("server"),
+        )
+    finally:
+        client.close()
     start = rss[0][0] if rss else time.monotonic()
-    return {
-        "schedule": schedule,
-        "answers": answers,
-        "rss": [(round(t - start, 1), b) for t, b in rss],
-        "server": server,
-    }
+    return {"answers": answers, "loadgen": loadgen, "rss": [(round(t - start, 1), b) for t, b in rss], "server": view}
 
 
 async def _server_view(client) -> dict:
@@ -211,10 +214,10 @@ def _server_delta(before: dict, after: dict) -> dict:
     return {"codes": codes, "p50_ms_at_most": quantile(0.5), "p99_ms_at_most": quantile(0.99)}
 
 
-async def _sample_rss(pid: int, every_s: float, out: list) -> None:
-    while True:
+def _sample_rss(pid: int, every_s: float, out: list, stop: threading.Event) -> None:
+    while not stop.is_set():
         out.append((time.monotonic(), _tree_rss(pid)))
-        await asyncio.sleep(every_s)
+        stop.wait(every_s)
 
 
 def _tree_rss(pid: int) -> int:
@@ -234,7 +237,7 @@ def _tree_rss(pid: int) -> int:
 
 def _overload(raw: dict, rate: float, duration_s: float, config: ReliabilityConfig) -> dict:
     answers: Answers = raw["answers"]
-    result = summarize(answers, raw["schedule"], rate, duration_s)
+    result = summarize(answers, rate, duration_s)
     refused = answers.latency_s[np.isin(answers.status, (429, 503))].tolist()
     hung = int((answers.status == TIMEOUT).sum())
     summary = {
@@ -249,14 +252,15 @@ def _overload(raw: dict, rate: float, duration_s: float, config: ReliabilityConf
         "connection_errors": result.errors - hung,
         "hung": hung,
         "server_saw": raw["server"],
+        "loadgen": raw["loadgen"],
     }
     return {"summary": summary, "rss_bytes": raw["rss"]}
 
 
 def _soak(raw: dict, rate: float, duration_s: float, config: ReliabilityConfig) -> dict:
     answers: Answers = raw["answers"]
-    schedule = raw["schedule"]
-    result = summarize(answers, schedule, rate, duration_s)
+    schedule = answers.issued_s
+    result = summarize(answers, rate, duration_s)
     windows = []
     for w in range(int(np.ceil(duration_s / config.window_s))):
         inside = (schedule >= w * config.window_s) & (schedule < (w + 1) * config.window_s)
@@ -289,6 +293,7 @@ def _soak(raw: dict, rate: float, duration_s: float, config: ReliabilityConfig) 
         "p99_last_window_ms": full[-1]["p99_ms"] if full else None,
         **p99_drift(windows),
         "server_saw": raw["server"],
+        "loadgen": raw["loadgen"],
     }
     return {"summary": summary, "windows": windows, "rss_bytes": raw["rss"]}
 

@@ -35,7 +35,8 @@ if __name__ == "__main__":
 
         key = sys.stdin.readline().strip()
         if not key:
-            sys.exit("trimserve: no key on stdin; e.g. python -m serve hash-key < key.txt")
+            print("trimserve: no key on stdin; e.g. python -m serve hash-key < key.txt", file=sys.stderr)
+            sys.exit(2)
         print(digest(key))
         sys.exit(0)
     os.execvp(sys.executable, [sys.executable, "-m", "bentoml", "serve", "serve.service:Classifier", *args])

@@ -1,8 +1,8 @@
-"""Bearer-key auth as one pure ASGI middleware, so no handler ever checks a key.
+"""API keys: how they are kept, matched and rate-limited.  The gate (serve/gate.py) asks.
 
-Every HTTP request outside the health endpoints (and ``/metrics`` unless protected) needs
-``Authorization: Bearer <key>`` with one of the accepted keys; anything else gets a 401
-JSON body and a ``WWW-Authenticate`` header.
+Every HTTP request outside the health endpoints, ``/schema.json`` (and ``/metrics`` unless
+protected) needs ``Authorization: Bearer <key>`` with one of the accepted keys; anything else
+gets a 401 refusal and a ``WWW-Authenticate`` header.
 
 Keys live in memory only as sha256 digests.  A keys file holds one key per line, either the
 key itself or, better, its digest as ``sha256:<64 hex>`` (``python -m serve hash-key``
@@ -20,14 +20,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import math
 import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
 from serve import metrics
-from serve.refusals import reply
 
 HEALTH_PATHS = frozenset({"/livez", "/readyz", "/healthz"})
 DIGEST_PREFIX = "sha256:"
@@ -138,36 +136,3 @@ class RateLimiter:
             return 0.0
         self.buckets[key] = (tokens, now)
         return (1 - tokens) / self.rate
-
-
-class BearerAuth:
-    def __init__(self, app, keys: KeyStore, protect_metrics: bool = False, rate_limit: RateLimiter | None = None):
-        self.app = app
-        self.keys = keys
-        self.rate_limit = rate_limit
-        self.exempt = HEALTH_PATHS if protect_metrics else HEALTH_PATHS | {"/metrics"}
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in self.exempt:  # lifespan and websockets pass through
-            return await self.app(scope, receive, send)
-        header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
-        if header is None:
-            return await _reject(send, "missing API key: send 'Authorization: Bearer <key>'", b"")
-        scheme, _, key = header.partition(b" ")
-        identity = self.keys.match(key.strip()) if scheme.lower() == b"bearer" else None
-        if identity is None:
-            return await _reject(send, "invalid API key", b', error="invalid_token"')
-        if self.rate_limit is not None:
-            wait = self.rate_limit.wait_s(identity)
-            if wait > 0:
-                return await reply(
-                    send,
-                    "rate_limit",
-                    f"rate limit of {self.rate_limit.rate:g} requests/s for this key exceeded; retry later",
-                    [(b"retry-after", str(math.ceil(wait)).encode())],
-                )
-        return await self.app(scope, receive, send)
-
-
-async def _reject(send, message: str, challenge_extra: bytes) -> None:
-    await reply(send, "auth", message, [(b"www-authenticate", b'Bearer realm="trimserve"' + challenge_extra)])

@@ -70,11 +70,13 @@ class OnnxClassifier:
         directory = Path(directory)
         self.labels = list(labels)
         self.max_length = int(max_length)
+        self.pad_token_id = pad_token_id
         # The Rust tokenizer directly: it reports truncation (``overflowing``) for free and
-        # skips the Python wrapper's per-call overhead, which matters at batch 1.
+        # skips the Python wrapper's per-call overhead, which matters at batch 1.  Padding is
+        # ours (``pad``), so that texts tokenized one request at a time can share a batch.
         self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
         self.tokenizer.enable_truncation(self.max_length)
-        self.tokenizer.enable_padding(pad_id=pad_token_id)
+        self.tokenizer.no_padding()
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -99,19 +101,34 @@ class OnnxClassifier:
         record = record or read(directory, VariantRecord)
         return cls(directory, record.labels, record.max_length, record.pad_token_id, **options)
 
-    def encode(self, texts: list[str]) -> Encoded:
-        """Tokenize, truncate to ``max_length`` and pad to the longest text."""
-        encodings = self.tokenizer.encode_batch(texts)
-        ids = np.array([e.ids for e in encodings], dtype=np.int64)
-        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-        arrays = {"input_ids": ids, "attention_mask": mask}
-        if "token_type_ids" in self.input_names:
-            arrays["token_type_ids"] = np.array([e.type_ids for e in encodings], dtype=np.int64)
+    def tokenize(self, texts: list[str]) -> list:
+        """One ``tokenizers.Encoding`` per text: truncated to ``max_length``, not padded."""
+        if len(texts) == 1:  # the batch machinery costs more than the text at batch 1
+            return [self.tokenizer.encode(texts[0])]
+        return self.tokenizer.encode_batch(texts)
+
+    def pad(self, encodings: list) -> Encoded:
+        """int64 arrays [texts, longest] for the graph's inputs, padded with ``pad_token_id``."""
+        longest = max(len(e.ids) for e in encodings)
+        ids = np.full((len(encodings), longest), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(encodings), longest), dtype=np.int64)
+        types = np.zeros((len(encodings), longest), dtype=np.int64) if "token_type_ids" in self.input_names else None
+        for row, e in enumerate(encodings):
+            n = len(e.ids)
+            ids[row, :n] = e.ids
+            mask[row, :n] = 1
+            if types is not None:
+                types[row, :n] = e.type_ids
+        arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
         return Encoded(
             inputs={name: arrays[name] for name in self.input_names},
             tokens=int(mask.sum()),
             truncated=sum(1 for e in encodings if e.overflowing),
         )
+
+    def encode(self, texts: list[str]) -> Encoded:
+        """Tokenize, truncate to ``max_length`` and pad to the longest text."""
+        return self.pad(self.tokenize(texts))
 
     def logits(self, encoded: Encoded) -> np.ndarray:
         """float32 logits of shape [batch, labels]."""
@@ -122,7 +139,10 @@ class OnnxClassifier:
         return self.to_predictions(self.logits(self.encode(texts)))
 
     def to_predictions(self, logits: np.ndarray) -> list[dict]:
-        probs = softmax(logits)
+        return self.describe(softmax(logits))
+
+    def describe(self, probs: np.ndarray) -> list[dict]:
+        """``{"label", "score", "probabilities"}`` per row of float probabilities [texts, labels]."""
         best = probs.argmax(axis=1)
         return [
             {
@@ -148,3 +168,8 @@ def batched_logits(classifier: OnnxClassifier, texts: list[str], batch_size: int
         idx = order[start : start + batch_size]
         out[idx] = classifier.logits(classifier.encode([texts[i] for i in idx]))
     return out
+
+
+def content_tokens(encoding) -> int:
+    """Tokens of a text besides the special ones ([CLS], [SEP], <s>...): 0 when the normalizer erased it all."""
+    return len(encoding.ids) - sum(encoding.special_tokens_mask)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from collections.abc import Mapping
@@ -60,18 +61,38 @@ class ServeConfig:
             "17 ms/text alone, 7 ms/text in batches of 32)"
         },
     )
+    max_batch_tokens: int = field(
+        default=4096,
+        metadata={
+            "help": "padded tokens per model call (texts x longest text): a long text never pads many short ones; "
+            "a single text longer than this still runs, alone"
+        },
+    )
     max_latency_ms: int = field(
         default=500,
         metadata={
-            "help": "BentoML batching deadline: queued work that would finish later gets 503 at once; keep it several "
-            "times the run time of a full batch"
+            "help": "batching deadline: texts that waited longer for the model get 503 at once instead of running "
+            "late; keep it several times the run time of a full batch"
         },
     )
     batching: bool = field(
         default=True,
         metadata={
-            "help": "adaptive batching: merge concurrent requests into one model call (up to max_batch_size, within "
-            "max_latency_ms); 0: one model call per request, one at a time per worker (no 503 deadline then)"
+            "help": "merge concurrent requests into one model call (what queued while the model was busy, up to "
+            "max_batch_size texts and max_batch_tokens); 0: one model call per request"
+        },
+    )
+    fast_path: bool = field(
+        default=True,
+        metadata={
+            "help": "trimserve's own /classify path and continuous batching (README, Operations); 0: BentoML's route "
+            "and adaptive batching after the same checks, the slower path kept for comparison"
+        },
+    )
+    access_log: bool = field(
+        default=True,
+        metadata={
+            "help": "one log line per request: method, path, status, bytes, texts, milliseconds (no text, no key)"
         },
     )
     max_texts_per_request: int = field(default=64, metadata={"help": "more texts in one request gives 400"})
@@ -198,9 +219,41 @@ class ServeConfig:
 
     @property
     def ort_threads(self) -> int:
-        # The cores this process may run on; a container's CPU quota is not visible here.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return self.threads or max(1, cores // self.workers)
+        """ONNX Runtime intra-op threads per worker: ``threads``, else the cores available split over the workers."""
+        return self.threads or max(1, available_cores()[0] // self.workers)
+
+
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def available_cores(cgroup: Path = CGROUP) -> tuple[int, str]:
+    """The cores this process may use and where that figure comes from.
+
+    The smaller of the CPUs it may run on (affinity) and the container's CPU quota, rounded
+    up: under ``docker run --cpus=1`` on a many-core host ONNX Runtime would otherwise start a
+    thread per host core on one CPU of quota and be throttled (p99 spikes).  Reads cgroup v2
+    ``cpu.max`` or v1 ``cpu/cpu.cfs_quota_us`` and ``cpu.cfs_period_us``.
+    """
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cpu_quota(cgroup)
+    if quota is not None and math.ceil(quota) < affinity:
+        return max(1, math.ceil(quota)), f"cgroup CPU quota {quota:g}"
+    return affinity, "CPU affinity"
+
+
+def cpu_quota(cgroup: Path = CGROUP) -> float | None:
+    """CPUs' worth of the cgroup's CFS quota (e.g. 1.5), or None when there is no limit."""
+    try:
+        if (cgroup / "cpu.max").is_file():  # v2: "<quota> <period>" or "max <period>"
+            quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        else:  # v1
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+    except (OSError, ValueError):
+        return None
+    if quota in ("max", "-1") or int(period) <= 0:
+        return None
+    return int(quota) / int(period)
 
 
 def env_name(field_name: str) -> str:

@@ -1,38 +1,41 @@
-"""trimserve's Prometheus metrics, served at /metrics next to BentoML's own ``bentoml_service_*``.
+"""trimserve's Prometheus metrics, and the /metrics page that shows them next to BentoML's own.
 
 Plain module-level prometheus_client objects: BentoML runs workers in multiprocess mode and
-sums them over workers.  Buckets are explicit and millisecond-scale because a MiniLM batch
-takes milliseconds, not the seconds prometheus_client's defaults are made for.  Labels only
-take small fixed sets of values (class labels, rejection reasons), never request text.
+the page sums them over workers.  Buckets are explicit and millisecond-scale because a
+MiniLM batch takes milliseconds, not the seconds prometheus_client's defaults are made for.
+One histogram per stage of a request: tokenize, queue (waiting for the model thread),
+inference (one model call), and the whole request.  Labels only take small fixed sets of
+values (class labels, refusal types, status codes), never request text.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
-import time
 from pathlib import Path
 
-from prometheus_client import Counter, Gauge, Histogram, multiprocess
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client.exposition import generate_latest
 
 from serve import refusals
 
+CONTENT_TYPE = CONTENT_TYPE_LATEST.encode()
+US_BUCKETS = (0.0001, 0.0002, 0.0005)
 MS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 TOKENIZE_SECONDS = Histogram(
-    "trimserve_tokenize_seconds",
-    "Tokenizing one model batch",
-    buckets=(
-        0.0001,
-        0.0002,
-        0.0005,
-    )
-    + MS_BUCKETS[:8],
+    "trimserve_tokenize_seconds", "Tokenizing one request's texts", buckets=US_BUCKETS + MS_BUCKETS[:8]
 )
-INFERENCE_SECONDS = Histogram("trimserve_inference_seconds", "ONNX Runtime run of one model batch", buckets=MS_BUCKETS)
+QUEUE_SECONDS = Histogram(
+    "trimserve_queue_seconds",
+    "From a request's texts being queued to the model thread taking them",
+    buckets=US_BUCKETS + MS_BUCKETS,
+)
+INFERENCE_SECONDS = Histogram(
+    "trimserve_inference_seconds", "One model call: padding, ONNX Runtime, softmax", buckets=US_BUCKETS + MS_BUCKETS
+)
 BATCH_SIZE = Histogram(
     "trimserve_batch_size",
-    "Texts per model call (adaptive batching merges requests)",
+    "Texts per model call (batching merges requests)",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
 INPUT_TOKENS = Histogram(
@@ -44,12 +47,10 @@ TRUNCATED = Counter("trimserve_truncated_texts", "Texts longer than the model's 
 PREDICTIONS = Counter("trimserve_predictions", "Predictions by predicted label", ["label"])
 REJECTED = Counter("trimserve_rejected_requests", "Requests refused, by reason (serve.refusals.TYPES)", ["reason"])
 REQUESTS = Counter(
-    "trimserve_requests", "/classify responses by HTTP status code (as trimserve's middleware saw them)", ["code"]
+    "trimserve_requests", "/classify answers by HTTP status code, or 'cancelled' (the client left)", ["code"]
 )
 REQUEST_SECONDS = Histogram(
-    "trimserve_request_seconds",
-    "/classify from trimserve's middleware to the last byte sent",
-    buckets=MS_BUCKETS + (10.0,),
+    "trimserve_request_seconds", "/classify from the gate to the last byte sent", buckets=MS_BUCKETS + (10.0,)
 )
 # Gauges in multiprocess mode: "livesum" adds up the workers that are alive, "livemin" is 0
 # while any live worker is not ready. A killed worker's values are removed at the next start
@@ -71,115 +72,83 @@ READY = Gauge(
 )
 API_KEYS = Gauge("trimserve_api_keys", "Bearer keys accepted now", multiprocess_mode="max")
 KEY_RELOADS = Counter("trimserve_api_key_reloads", "Re-reads of the keys file after it changed, by result", ["result"])
-# An Info metric would be natural, but BentoML's multiprocess collector refuses it;
+# An Info metric would be natural, but the multiprocess collector refuses it;
 # "max" merges the workers' identical values without a per-pid label.
 MODEL_INFO = Gauge(
     "trimserve_model_info", "The variant being served (value 1)", ["variant", "sha256"], multiprocess_mode="max"
+)
+THREADS = Gauge(
+    "trimserve_onnxruntime_threads",
+    "ONNX Runtime intra-op threads per worker, and the cores they were sized from",
+    ["source"],
+    multiprocess_mode="max",
 )
 
 for _reason in refusals.TYPES:
     REJECTED.labels(reason=_reason)  # export zeros, so rate() works from the first rejection
 for _result in ("ok", "error"):
     KEY_RELOADS.labels(result=_result)
-CLASSIFY_PATH = "/classify"
+_PREDICTED: dict[str, Counter] = {}
 
 
-def record_batch(
-    texts: int, tokens_per_text, truncated: int, tokenize_s: float, inference_s: float, labels: list[str]
-) -> None:
-    """Everything about one model call; ``tokens_per_text`` is an iterable of ints."""
+def record_batch(texts: int, inference_s: float) -> None:
+    """One model call: its size (texts) and its time (seconds)."""
     BATCH_SIZE.observe(texts)
-    TOKENIZE_SECONDS.observe(tokenize_s)
     INFERENCE_SECONDS.observe(inference_s)
-    for n in tokens_per_text:
-        INPUT_TOKENS.observe(n)
-    if truncated:
-        TRUNCATED.inc(truncated)
-    for label in labels:
-        PREDICTIONS.labels(label=label).inc()
 
 
-class RequestMetrics:
-    """Pure ASGI middleware, the outermost of trimserve's: every answer is timed, counted and shaped.
+def count_texts(encodings: list) -> None:
+    """Tokens per text and truncations of one request's encodings."""
+    for e in encodings:
+        INPUT_TOKENS.observe(len(e.ids))
+        if e.overflowing:
+            TRUNCATED.inc()
 
-    * status and duration of every /classify request, and the refusal type of every 4xx/5xx
-      (it sees the 401/429 of auth and the 413/415/408/503 of the request guard too);
-    * an error body produced by someone else (BentoML's validation errors, its batching
-      deadline, Starlette's 404) is rewritten into serve.refusals' one shape;
-    * a request not answered within ``timeout_s`` gets a 504 ``timeout`` refusal.  BentoML's
-      own traffic timeout sits outside every user middleware, so the service sets it a little
-      later as a backstop, and this one is what clients see.
+
+def count_predictions(labels: list[str], best) -> None:
+    """One count per predicted label index in ``best``."""
+    for index in best.tolist():
+        counter = _PREDICTED.get(labels[index])
+        if counter is None:
+            counter = _PREDICTED[labels[index]] = PREDICTIONS.labels(label=labels[index])
+        counter.inc()
+
+
+def exposition() -> bytes:
+    """The /metrics page: every worker's series summed (BentoML's and trimserve's), in the canonical order.
+
+    Each histogram's samples come as its ``_bucket`` series (ascending ``le``), then ``_count``,
+    then ``_sum``, per label set: the text format's order, which strict parsers (fluent-bit,
+    OpenMetrics validators) require.  prometheus_client's multiprocess collector emits ``_sum``
+    first, and BentoML's own page sorts a copy it then does not print.
     """
-
-    def __init__(self, app, timeout_s: float | None = None):
-        self.app = app
-        self.timeout_s = timeout_s
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, status, held = time.perf_counter(), None, None
-
-        async def shaped(message):
-            nonlocal status, held
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                if status >= 400:
-                    REJECTED.labels(reason=refusals.type_for(status)).inc()
-                    held = (message, [])  # small: wait for the whole body to reshape it
-                    return
-            elif held is not None:
-                held[1].append(message.get("body", b""))
-                if message.get("more_body", False):
-                    return
-                message = await _reshaped(send, held, status)
-            await send(message)
-
-        outcome = None
-        try:
-            if self.timeout_s is None:
-                await self.app(scope, receive, shaped)
-            else:
-                await _within(self.app(scope, receive, shaped), self.timeout_s, lambda: status is not None)
-        except TimeoutError:
-            status = refusals.TYPES["timeout"]
-            REJECTED.labels(reason="timeout").inc()
-            await refusals.reply(send, "timeout", f"not answered within {self.timeout_s:g} s")
-        except asyncio.CancelledError:  # the client went away (or BentoML's backstop timeout)
-            outcome = "cancelled"
-            raise
-        except Exception:  # Starlette's error middleware, outside this one, answers 500
-            outcome = "500"
-            raise
-        finally:
-            if scope["path"] == CLASSIFY_PATH:
-                REQUESTS.labels(code=str(status) if status else outcome or "none").inc()
-                REQUEST_SECONDS.observe(time.perf_counter() - start)
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=directory)
+    else:
+        registry = REGISTRY
+    return generate_latest(_Canonical(registry))
 
 
-async def _within(call, timeout_s: float, started) -> None:
-    """Run ``call``; TimeoutError (having cancelled it) if its response has not started after ``timeout_s``."""
-    task = asyncio.ensure_future(call)
-    done, _ = await asyncio.wait({task}, timeout=timeout_s)
-    if not done and not started():
-        task.cancel()
-        raise TimeoutError
-    await task
+class _Canonical:
+    """A registry view whose histograms list their samples in the text format's order."""
+
+    def __init__(self, registry):
+        self.registry = registry
+
+    def collect(self):
+        for family in self.registry.collect():
+            if family.type == "histogram":
+                family.samples.sort(key=_histogram_order)
+            yield family
 
 
-async def _reshaped(send, held: tuple[dict, list[bytes]], status: int) -> dict:
-    """Send the held response start with a reshaped body's length; returns the body message."""
-    start, chunks = held
-    payload = refusals.reshape(status, b"".join(chunks))
-    headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
-    await send(
-        {
-            **start,
-            "headers": headers
-            + [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
-        }
-    )
-    return {"type": "http.response.body", "body": payload}
+def _histogram_order(sample) -> tuple:
+    labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "le"))
+    suffix = sample.name.rsplit("_", 1)[-1]
+    rank = {"bucket": 0, "count": 1, "sum": 2}.get(suffix, 3)
+    return labels, rank, float(sample.labels.get("le", 0)) if rank == 0 else 0.0
 
 
 def forget_dead_workers() -> None:

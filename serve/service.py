@@ -4,20 +4,23 @@
 
 Reads top to bottom: read ``ServeConfig`` from ``TRIMSERVE_*`` variables and check the
 selected variant's files against their sha256 (at import, see below), declare the request
-limits, then the service: load the model, warm it up, classify batches.  Metrics, auth and
-the request guard (body size, content type, admission) are ASGI middlewares added at the
-end; the model itself is the transport-free ``OnnxClassifier``.
+schema, then the service: load the model and start its model thread, warm it up.  Requests
+go through one ASGI middleware, the gate (serve/gate.py): auth, admission, metrics and the
+/classify path itself, tokenize -> queue -> model thread (serve/batching.py) -> JSON.  BentoML
+runs the processes, the health, metrics and docs routes, the bento and the container; its
+own ``classify`` route below documents the API and serves it when ``TRIMSERVE_FAST_PATH=0``.
 
     POST /classify  {"texts": ["...", ...]}
     -> [{"label": "fresh", "score": 0.97, "probabilities": {"fresh": 0.97, "rotten": 0.03}}, ...]
 
 Every error is ``{"error": {"type", "message", "details"}}`` with a type of
-serve.refusals.TYPES: validation 400 (empty or whitespace-only text, a non-string, an empty
-list, too many texts, a text over max_text_chars, malformed JSON; ``details`` says where),
-auth 401, slow_body 408, too_large 413, unsupported_media_type 415, rate_limit 429, overload
-503 (over max_concurrency, or queued past the batching deadline), timeout 504.  A text over the
-model's token limit is not an error: it is truncated, like at training time, and counted
-in ``trimserve_truncated_texts_total``.  Request texts and keys are never logged.
+serve.refusals.TYPES: validation 400 (empty or whitespace-only text, a text the tokenizer
+erases entirely, a non-string, an empty list, too many texts, a text over max_text_chars,
+an unknown field, malformed JSON; ``details`` says where), auth 401, slow_body 408, too_large
+413, unsupported_media_type 415, rate_limit 429, overload 503 (over max_concurrency, the
+event loop behind, or queued past the batching deadline), timeout 504.  A text over the
+model's token limit is not an error: it is truncated, like at training time, and counted in
+``trimserve_truncated_texts_total``.  Request texts and keys are never logged.
 """
 
 from __future__ import annotations
@@ -30,17 +33,18 @@ from typing import Annotated
 
 import bentoml
 from bentoml.exceptions import ServiceUnavailable
-from pydantic import AfterValidator, BaseModel, Field, StringConstraints, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from serve import metrics
-from serve.auth import BearerAuth, KeyStore, RateLimiter
+from serve.auth import KeyStore, RateLimiter
+from serve.batching import Batcher, Engine
 from serve.classifier import OnnxClassifier
-from serve.config import ServeConfig, check_device, resolve_variant
+from serve.config import ServeConfig, available_cores, check_device, resolve_variant
 from serve.contract import UserError
-from serve.guard import RequestGuard
-from serve.metrics import RequestMetrics
+from serve.gate import Gate
+from serve.schema import Limits
 
-BACKSTOP_S = 5.0
+BACKSTOP_S = 5.0  # BentoML's own timeout, after the gate's: only a backstop
 logger = logging.getLogger("trimserve.serve")
 logging.getLogger("trimserve").setLevel(logging.INFO)  # BentoML leaves the root logger at WARNING
 
@@ -52,8 +56,11 @@ try:
     CONFIG = ServeConfig.from_env()
     check_device(CONFIG)
     VARIANT = resolve_variant(CONFIG)
-except UserError as err:
-    sys.exit(f"trimserve: {err}")
+except UserError as err:  # one line and exit status 2, as every stage's CLI answers bad input
+    print(f"trimserve: {err}", file=sys.stderr)
+    sys.exit(2)
+
+ENGINE = Engine()  # filled in each worker by Classifier.__init__, served from by the gate
 
 
 def _not_blank(text: str) -> str:
@@ -62,6 +69,8 @@ def _not_blank(text: str) -> str:
     return text
 
 
+# The schema BentoML documents (and checks when TRIMSERVE_FAST_PATH=0); serve/schema.py applies
+# the same rules on the gate's path.
 Text = Annotated[str, StringConstraints(max_length=CONFIG.max_text_chars), AfterValidator(_not_blank)]
 Texts = Annotated[
     list[Text],
@@ -73,16 +82,24 @@ Texts = Annotated[
 ]
 
 
+class ClassifyRequest(BaseModel):
+    """The request body: ``texts`` and nothing else (an unknown field is a 400, not ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+    texts: Texts
+
+
 class Prediction(BaseModel):
     label: str
     score: float = Field(description="probability of `label`")
     probabilities: dict[str, float] = Field(description="probability of every label")
 
 
-# No BentoML max_concurrency: trimserve's RequestGuard limits admission itself, answering 503
-# with Retry-After and counting it (BentoML's 429 happens outside every user middleware).
-# BentoML's timeout is only a backstop: RequestMetrics answers timeouts first, in trimserve's shape.
-@bentoml.service(workers=CONFIG.workers, traffic={"timeout": CONFIG.timeout_s + BACKSTOP_S})
+# No BentoML max_concurrency (the gate admits, answering 503 with Retry-After and counting it),
+# and no BentoML access log (the gate writes one line per request, without BentoML's formatting).
+@bentoml.service(
+    workers=CONFIG.workers, traffic={"timeout": CONFIG.timeout_s + BACKSTOP_S}, logging={"access": {"enabled": False}}
+)
 class Classifier:
     """Text classifier exported and selected by trimserve (ONNX Runtime)."""
 
@@ -90,18 +107,32 @@ class Classifier:
         start = time.perf_counter()
         metrics.forget_dead_workers()  # a worker killed earlier left its live gauges behind
         metrics.READY.set(0)
+        cores, source = available_cores()
         self.model = OnnxClassifier.load(
             VARIANT.directory, VARIANT.record, threads=CONFIG.ort_threads, device=CONFIG.device, spin=CONFIG.spin
         )
+        ENGINE.classifier = self.model
+        ENGINE.batcher = Batcher(
+            self.model,
+            CONFIG.max_batch_size if CONFIG.batching else 1,
+            CONFIG.max_batch_tokens,
+            CONFIG.max_latency_ms / 1e3,
+            merge=CONFIG.batching,
+        )
         metrics.MODEL_INFO.labels(variant=VARIANT.name, sha256=VARIANT.model_sha256).set(1)
-        self.ready = False
+        metrics.THREADS.labels(source="threads").set(CONFIG.ort_threads)
+        metrics.THREADS.labels(source="cores").set(cores)
         logger.info(
-            "loaded %s (%d files sha256-verified, max_length %d) on %s with %d threads in %.2f s",
+            "loaded %s (%d files sha256-verified, max_length %d) on %s with %d ONNX Runtime threads "
+            "(%d cores from %s, %d workers) in %.2f s",
             VARIANT.name,
             VARIANT.files,
             VARIANT.record.max_length,
             self.model.provider,
             CONFIG.ort_threads,
+            cores,
+            source,
+            CONFIG.workers,
             time.perf_counter() - start,
         )
 
@@ -110,49 +141,36 @@ class Classifier:
         # A full-length batch once, so the first real request does not pay for allocations.
         start = time.perf_counter()
         self.model.predict(["warm-up"] * (CONFIG.max_batch_size - 1) + ["warm-up " * VARIANT.record.max_length])
-        self.ready = True
+        ENGINE.ready = True
         metrics.READY.set(1)
-        logger.info("warm-up done in %.2f s; ready", time.perf_counter() - start)
+        logger.info(
+            "warm-up done in %.2f s; ready (%s path)",
+            time.perf_counter() - start,
+            "trimserve" if CONFIG.fast_path else "BentoML",
+        )
 
     def __is_ready__(self) -> bool:
-        return self.ready
+        return ENGINE.ready
 
     @bentoml.api(
         batchable=CONFIG.batching,
         batch_dim=0,
         max_batch_size=CONFIG.max_batch_size,
         max_latency_ms=CONFIG.max_latency_ms,
+        input_spec=ClassifyRequest,
     )
     def classify(self, texts: Texts) -> list[Prediction]:
         """Label, its probability and every class probability for each text, in order."""
         start = time.perf_counter()
-        encoded = self.model.encode(texts)
-        tokenized = time.perf_counter()
-        predictions = self.model.to_predictions(self.model.logits(encoded))
-        done = time.perf_counter()
+        predictions = self.model.predict(texts)
+        metrics.record_batch(len(texts), time.perf_counter() - start)
         # BentoML only checks the number of requests; a short list would slice silently.
         assert len(predictions) == len(texts), (len(predictions), len(texts))
-        metrics.record_batch(
-            len(texts),
-            encoded.inputs["attention_mask"].sum(axis=1),
-            encoded.truncated,
-            tokenized - start,
-            done - tokenized,
-            [p["label"] for p in predictions],
-        )
-        logger.debug(
-            "batch of %d texts, %d tokens, %d truncated: tokenize %.1f ms, infer %.1f ms",
-            len(texts),
-            encoded.tokens,
-            encoded.truncated,
-            1e3 * (tokenized - start),
-            1e3 * (done - tokenized),
-        )
         return predictions
 
 
 class QuietRejections(logging.Filter):
-    """One INFO line instead of the ERROR traceback BentoML logs for a rejected request.
+    """One INFO line instead of the ERROR traceback BentoML logs for a rejected request (its route only).
 
     A pydantic ValidationError's message quotes the offending input, i.e. the request's text:
     the line names the error types and places only.  A ServiceUnavailable is the batching
@@ -179,25 +197,22 @@ class QuietRejections(logging.Filter):
         record.exc_info, record.exc_text, record.levelno, record.levelname = None, None, logging.INFO, "INFO"
 
 
-# The logger of BentoML's api_endpoint_wrapper (1.4); tests/test_serve.py checks the logs stay clean.
+# The logger of BentoML's api_endpoint_wrapper (1.4); tests/test_serve_e2e.py checks the logs stay clean.
 logging.getLogger("bentoml._internal.server.http_app").addFilter(QuietRejections())
-# Outermost first: RequestMetrics sees every answer, including the 401/429 of auth and the
-# 413/415/408/503 of the guard; auth runs before the guard reads any body.
-Classifier.add_asgi_middleware(RequestMetrics, timeout_s=CONFIG.timeout_s)
-if CONFIG.api_keys:
-    rate_limit = RateLimiter(CONFIG.rate_limit_rps, CONFIG.rate_limit_burst) if CONFIG.rate_limit_rps else None
-    Classifier.add_asgi_middleware(
-        BearerAuth,
-        keys=KeyStore(CONFIG.api_keys, path=CONFIG.api_keys_file),
-        protect_metrics=CONFIG.protect_metrics,
-        rate_limit=rate_limit,
-    )
-else:
+if not CONFIG.api_keys:
     logger.warning("TRIMSERVE_ALLOW_NO_AUTH is set: serving WITHOUT authentication")
 Classifier.add_asgi_middleware(
-    RequestGuard,
+    Gate,
+    engine=ENGINE,
+    limits=Limits(CONFIG.max_texts_per_request, CONFIG.max_text_chars),
+    keys=KeyStore(CONFIG.api_keys, path=CONFIG.api_keys_file) if CONFIG.api_keys else None,
+    rate_limit=RateLimiter(CONFIG.rate_limit_rps, CONFIG.rate_limit_burst) if CONFIG.rate_limit_rps else None,
+    protect_metrics=CONFIG.protect_metrics,
     max_body_bytes=CONFIG.max_body_bytes,
-    max_in_flight=math.ceil(CONFIG.max_concurrency / CONFIG.workers),
     body_timeout_s=CONFIG.body_timeout_s,
+    max_in_flight=math.ceil(CONFIG.max_concurrency / CONFIG.workers),
     max_lag_s=CONFIG.max_lag_ms / 1e3,
+    timeout_s=CONFIG.timeout_s,
+    fast_path=CONFIG.fast_path,
+    access_log=CONFIG.access_log,
 )

@@ -59,62 +59,6 @@ RECORDED = re.compile(r"\b\w+:\w+:\w+\b")
 # --- promtool and prometheus -------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class PromTools:
-    promtool: Path
-    prometheus: Path
-
-    def run(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(self.promtool), *args], cwd=cwd, capture_output=True, text=True, timeout=120, check=False
-        )
-
-
-def _find_tools() -> PromTools | None:
-    on_path = shutil.which("promtool"), shutil.which("prometheus")
-    if all(on_path):
-        return PromTools(*map(Path, on_path))
-    unpacked = TOOLS / "usr" / "bin"
-    if (unpacked / "promtool").exists() and (unpacked / "prometheus").exists():
-        return PromTools(unpacked / "promtool", unpacked / "prometheus")
-    return None
-
-
-def _fetch_tools() -> str | None:
-    """Unpack Debian's prometheus package into .tools/ (no root, no daemon); None, or why not."""
-    debs = TOOLS / "debs"
-    debs.mkdir(parents=True, exist_ok=True)
-    try:
-        download = subprocess.run(
-            ["apt-get", "download", "prometheus"], cwd=debs, capture_output=True, text=True, timeout=300, check=False
-        )
-        found = sorted(debs.glob("prometheus_*.deb"))
-        if not found:
-            return f"apt-get download prometheus failed: {(download.stderr.strip() or 'no .deb').splitlines()[-1]}"
-        unpack = subprocess.run(
-            ["dpkg", "-x", str(found[-1]), str(TOOLS)], capture_output=True, text=True, timeout=300, check=False
-        )
-        if unpack.returncode:
-            return f"dpkg -x {found[-1].name} failed: {unpack.stderr.strip()}"
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return f"fetching Debian's prometheus package failed: {err}"
-    return None
-
-
-@pytest.fixture(scope="session")
-def prom() -> PromTools:
-    tools = _find_tools()
-    if tools is None:
-        why = _fetch_tools()
-        tools = _find_tools()
-        if tools is None:
-            pytest.skip(
-                f"no promtool/prometheus on PATH or in .tools/usr/bin, and {why or 'unpacking found none'}; "
-                "install Debian's prometheus package (apt-get install prometheus) or put both on PATH"
-            )
-    return tools
-
-
 # --- Prometheus rules --------------------------------------------------------------------
 
 

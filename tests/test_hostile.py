@@ -31,7 +31,9 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from tokenizers import Tokenizer
 
+from serve.classifier import content_tokens
 from serve.launch import ServerProcess
 from serve.refusals import TYPES
 
@@ -54,6 +56,7 @@ TRIMSERVE_REFUSALS = frozenset({401, 408, 413, 415, 429, 503})
 @dataclass
 class Server:
     process: ServerProcess
+    tokenizer: Tokenizer  # the served variant's, to tell which texts the model sees as empty
     rss_warm_mb: float = 0.0
     fuzz_texts: set[str] = field(default_factory=set)  # generated texts, to look for in the log
 
@@ -78,7 +81,7 @@ def server(served_variant, tiny_fp32, tmp_path_factory):
     }
     with ServerProcess(env, log=tmp / "server.log") as process:
         print(f"\nbentoml serve ready in {process.wait_ready():.1f} s")
-        served = Server(process)
+        served = Server(process, Tokenizer.from_file(str(served_variant[3] / "tokenizer.json")))
         for i in range(5):  # the first full batches allocate what every later one reuses: not growth
             assert _classify(served, [f"warm-up {i} {MARK}"] * MAX_TEXTS).status_code == 200
         served.rss_warm_mb = _rss_mb(process)
@@ -183,21 +186,26 @@ def _check_classify(server: Server, case, response, mode: GenerationMode) -> Non
     if isinstance(texts, list):  # distinctive enough to look for in the log
         server.fuzz_texts.update(t for t in texts if isinstance(t, str) and len(t.strip()) >= 16)
     if mode.is_positive:
-        _valid_is_accepted(case, response)
+        _valid_is_accepted(server, case, response)
 
 
-def _valid_is_accepted(case, response) -> None:
-    """Schema-valid input gets 200, except what the schema cannot say: a blank text is a 400 at it.
+def _valid_is_accepted(server: Server, case, response) -> None:
+    """Schema-valid input gets 200, except what the schema cannot say: a blank text is a 400.
 
-    In place of schemathesis' positive_data_acceptance, which would count those 400s as
-    failures.  BentoML's schema does not mark the body required either, so a positive case
-    may come without one: a 400 for the missing texts, or 415 for the missing content type.
+    Blank is whitespace only, or nothing the model's tokenizer keeps (zero-width and control
+    characters its normalizer erases).  In place of schemathesis' positive_data_acceptance,
+    which would count those 400s as failures.  BentoML's schema does not mark the body
+    required either, so a positive case may come without one: a 400 for the missing texts, or
+    415 for the missing content type.
     """
     if case.body is NOT_SET:
         assert response.status_code in (400, 415), response.text
         return
     texts = case.body["texts"]
-    blank = [["texts", i] for i, text in enumerate(texts) if not text.strip()]
+    # The schema's checks come first; the tokenizer's only once they pass.
+    blank = [["texts", i] for i, text in enumerate(texts) if not text.strip()] or [
+        ["texts", i] for i, text in enumerate(texts) if content_tokens(server.tokenizer.encode(text)) == 0
+    ]
     if not blank:
         assert response.status_code == 200, response.text
         assert len(response.json()) == len(texts)
@@ -353,7 +361,7 @@ def test_memory_stays_bounded(server):
 def test_log_holds_no_key_no_text_no_traceback(server):
     """Last on purpose: every request of this module has been answered and logged by now."""
     log = server.process.log.read_text(errors="replace")
-    assert "path=/classify" in log  # the access log is there, so there was something to leak into
+    assert "POST /classify " in log  # the access log is there, so there was something to leak into
     assert "Traceback" not in log, log[max(0, log.index("Traceback") - 500) :][:3000]
     assert KEY not in log and MARK not in log
     leaked = sorted(t for t in server.fuzz_texts if t in log)

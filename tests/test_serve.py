@@ -21,11 +21,13 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from serve.auth import BearerAuth, KeyStore, RateLimiter, digest, parse_keys
+from serve.auth import KeyStore, RateLimiter, digest, parse_keys
+from serve.batching import Batcher, Engine
+from serve.classifier import OnnxClassifier
 from serve.config import ServeConfig, resolve_variant
 from serve.contract import Selection, UserError, sha256_file, write
-from serve.guard import RequestGuard
-from serve.metrics import RequestMetrics
+from serve.gate import Gate
+from serve.schema import Limits
 from tests.conftest import REPO
 
 VARIANT = "onnx-fp32"  # always built, and numerically the fine-tuned model itself
@@ -183,24 +185,35 @@ def test_resolve_variant(served_variant, tiny_fp32, tmp_path):
     assert by_dir.record == record
 
 
-# --- in-process: auth, keys, rate limit, request guard, metrics ----------------------------
+# --- in-process: the gate (auth, guard, schema, model path) around a real tiny model ----------------
+
+LIMITS = Limits(max_texts=8, max_chars=2000)
+GOOD = {"texts": ["A masterpiece: moving, funny and beautifully acted."]}
+KEYS = ("first-key", "second-key")
+
+
+@pytest.fixture(scope="module")
+def engine(served_variant) -> Engine:
+    _, _, record, directory = served_variant
+    classifier = OnnxClassifier.load(directory, record, threads=1)
+    return Engine(classifier, Batcher(classifier, 8, 1024, max_queue_s=5.0), ready=True)
 
 
 def _ok_app(delay_s: float = 0.0):
+    """BentoML's stand-in behind the gate: answers "ok" on the routes the gate passes through."""
+
     async def ok(request):
         await request.body()
         await asyncio.sleep(delay_s)
         return PlainTextResponse("ok")
 
-    return Starlette(
-        routes=[
-            Route(p, ok, methods=["GET", "POST"]) for p in ("/classify", "/livez", "/readyz", "/healthz", "/metrics")
-        ]
-    )
+    paths = ("/classify", "/livez", "/readyz", "/healthz", "/metrics", "/schema.json", "/docs.json")
+    return Starlette(routes=[Route(p, ok, methods=["GET", "POST"]) for p in paths])
 
 
-def _app(keys: KeyStore | None = None, **auth):
-    return RequestMetrics(BearerAuth(_ok_app(), keys=keys or KeyStore(["first-key", "second-key"]), **auth))
+def _gate(engine: Engine, app=None, keys=KEYS, **options) -> Gate:
+    store = keys if isinstance(keys, KeyStore) else KeyStore(keys) if keys else None
+    return Gate(app or _ok_app(), engine, LIMITS, keys=store, **options)
 
 
 def _call(
@@ -215,18 +228,39 @@ def _call(
     return asyncio.run(go())
 
 
-def test_bearer_auth_middleware():
-    app = _app()
+def _classify(app, body=GOOD, key: str | None = "first-key", **kwargs) -> httpx.Response:
+    return _call(app, "POST", "/classify", f"Bearer {key}" if key else None, json=body, **kwargs)
+
+
+def test_the_gate_answers_classify_with_the_models_own_probabilities(engine):
+    texts = ["A great film.", "Awful, awful, awful.", " ".join(["long"] * 300)]
+    response = _classify(_gate(engine), {"texts": texts})
+    assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+    expected = engine.classifier.predict(texts)  # the same model called directly, batch of 3
+    got = response.json()
+    assert [p["label"] for p in got] == [p["label"] for p in expected]
+    for served, direct in zip(got, expected, strict=True):
+        assert set(served["probabilities"]) == {"fresh", "rotten"}
+        assert served["score"] == pytest.approx(direct["score"], abs=1e-5)
+        assert served["score"] == max(served["probabilities"].values())
+
+
+def test_bearer_auth(engine):
+    app = _gate(engine)
     for authorization in (None, "Bearer wrong", "Basic first-key", "Bearer", "Bearer cl\u00e9".encode()):
-        response = _call(app, "POST", "/classify", authorization)
+        response = _call(app, "POST", "/classify", authorization, json=GOOD)
         assert response.status_code == 401, authorization
         assert response.json()["error"]["type"] == "auth"
         assert response.headers["www-authenticate"].startswith('Bearer realm="trimserve"')
-    assert 'error="invalid_token"' in _call(app, "POST", "/classify", "Bearer x").headers["www-authenticate"]
-    for key in ("first-key", "second-key"):
-        assert _call(app, "POST", "/classify", f"bearer {key}").text == "ok"
-    assert all(_call(app, "GET", p).status_code == 200 for p in ("/livez", "/readyz", "/healthz", "/metrics"))
-    assert _call(_app(protect_metrics=True), "GET", "/metrics").status_code == 401
+    assert 'error="invalid_token"' in _classify(app, key="x").headers["www-authenticate"]
+    for key in KEYS:
+        assert _classify(app, key=key).status_code == 200
+    assert _call(app, "GET", "/docs.json").status_code == 401  # every other route needs a key too
+    assert _call(app, "GET", "/docs.json", "Bearer first-key").text == "ok"
+    # health, and the schema BentoML's clients fetch first (so a wrong key shows as the 401 it is)
+    assert all(_call(app, "GET", p).text == "ok" for p in ("/livez", "/readyz", "/healthz", "/schema.json"))
+    assert _call(app, "GET", "/metrics").headers["content-type"].startswith("text/plain; version=")
+    assert _call(_gate(engine, protect_metrics=True), "GET", "/metrics").status_code == 401
     with pytest.raises(ValueError, match="at least one key"):
         KeyStore([])
 
@@ -250,85 +284,127 @@ def test_hash_key_cli_prints_the_digest_line(tmp_path):
     assert done.returncode == 0 and done.stdout.strip() == digest("my-secret-key")
     assert parse_keys([done.stdout]) == (digest("my-secret-key"),)  # the line goes into the keys file as is
     empty = run("")
-    assert (
-        empty.returncode == 1
-        and empty.stderr.strip() == "trimserve: no key on stdin; e.g. python -m serve hash-key < key.txt"
-    )
+    assert empty.returncode == 2
+    assert empty.stderr.strip() == "trimserve: no key on stdin; e.g. python -m serve hash-key < key.txt"
 
 
-def test_keys_file_is_reloaded_when_it_changes(tmp_path):
+def test_keys_file_is_reloaded_when_it_changes(engine, tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("old-key\n")
-    store = KeyStore(path=keys, check_every_s=0)
-    app = _app(store)
-    assert _call(app, "POST", "/classify", "Bearer old-key").status_code == 200
+    app = _gate(engine, keys=KeyStore(path=keys, check_every_s=0))
+    assert _classify(app, key="old-key").status_code == 200
     keys.write_text(f"{digest('new-key')}\n")  # rotate: the old key is revoked, the new one hashed at rest
-    assert _call(app, "POST", "/classify", "Bearer new-key").status_code == 200
-    assert _call(app, "POST", "/classify", "Bearer old-key").status_code == 401
+    assert _classify(app, key="new-key").status_code == 200
+    assert _classify(app, key="old-key").status_code == 401
     for broken in ("", "sha256:nothex\n"):  # an unusable file keeps the keys in use
         keys.write_text(broken)
-        assert _call(app, "POST", "/classify", "Bearer new-key").status_code == 200
+        assert _classify(app, key="new-key").status_code == 200
     keys.unlink()
-    assert _call(app, "POST", "/classify", "Bearer new-key").status_code == 200
+    assert _classify(app, key="new-key").status_code == 200
     replacement = tmp_path / "keys.new"  # how a Kubernetes Secret volume updates: a new file moved into place
     replacement.write_text("third-key\n")
     replacement.rename(keys)
-    assert _call(app, "POST", "/classify", "Bearer third-key").status_code == 200
+    assert _classify(app, key="third-key").status_code == 200
 
 
-def test_rate_limit_is_a_token_bucket_per_key():
+def test_rate_limit_is_a_token_bucket_per_key(engine):
     limiter = RateLimiter(rate=2.0, burst=3)
     assert [limiter.wait_s("a", now=10.0) for _ in range(4)] == [0, 0, 0, 0.5]
     assert limiter.wait_s("b", now=10.0) == 0  # keys have their own buckets
     assert limiter.wait_s("a", now=10.5) == 0 and limiter.wait_s("a", now=10.5) == 0.5
     assert limiter.wait_s("a", now=100.0) == 0  # refilled, but never above the burst
     assert [limiter.wait_s("a", now=100.0) for _ in range(3)] == [0, 0, 0.5]
-    app = _app(rate_limit=RateLimiter(rate=0.5, burst=2))
-    statuses = [_call(app, "POST", "/classify", "Bearer first-key") for _ in range(3)]
+    app = _gate(engine, rate_limit=RateLimiter(rate=0.5, burst=2))
+    statuses = [_classify(app) for _ in range(3)]
     assert [r.status_code for r in statuses] == [200, 200, 429]
     assert statuses[2].headers["retry-after"] == "2" and "rate limit" in statuses[2].json()["error"]["message"]
-    assert _call(app, "POST", "/classify", "Bearer second-key").status_code == 200
+    assert _classify(app, key="second-key").status_code == 200
 
 
-def _guarded(delay_s: float = 0.0, **limits):
-    return RequestMetrics(RequestGuard(_ok_app(delay_s), **{"max_body_bytes": 1000, "max_in_flight": 2, **limits}))
+def _json_of_size(size: int) -> bytes:
+    """A valid request body of exactly ``size`` bytes."""
+    frame = b'{"texts": [""]}'
+    return frame[:12] + b"a" * (size - len(frame)) + frame[12:]
 
 
-def test_guard_limits_body_size_and_type_before_the_app():
-    app, json_type = _guarded(), {"content-type": "application/json"}
-    assert _call(app, "POST", "/classify", content=b"x" * 1000, headers=json_type).status_code == 200
-    too_big = _call(app, "POST", "/classify", content=b"x" * 1001, headers=json_type)
+def test_guard_limits_body_size_and_type_before_parsing(engine):
+    app, json_type = _gate(engine, max_body_bytes=1000), {"content-type": "application/json"}
+    assert (
+        _call(app, "POST", "/classify", "Bearer first-key", content=_json_of_size(1000), headers=json_type).status_code
+        == 200
+    )
+    too_big = _call(app, "POST", "/classify", "Bearer first-key", content=_json_of_size(1001), headers=json_type)
     assert too_big.status_code == 413 and "1001 bytes is over the limit of 1000" in too_big.json()["error"]["message"]
 
     async def chunks():  # no Content-Length: sent chunked
         yield b"x" * 600
         yield b"x" * 600
 
-    chunked = _call(app, "POST", "/classify", content=chunks(), headers=json_type)
+    chunked = _call(app, "POST", "/classify", "Bearer first-key", content=chunks(), headers=json_type)
     assert "content-length" not in chunked.request.headers and chunked.status_code == 413
     for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
         response = _call(
-            app, "POST", "/classify", content=b"{}", headers={"content-type": content_type} if content_type else {}
+            app,
+            "POST",
+            "/classify",
+            "Bearer first-key",
+            content=json.dumps(GOOD),
+            headers={"content-type": content_type} if content_type else {},
         )
         assert response.status_code == 415, content_type
+        assert response.json()["error"]["type"] == "unsupported_media_type"
+    charset = {"content-type": "Application/JSON; charset=utf-8"}
     assert (
-        _call(
-            app, "POST", "/classify", content=b"{}", headers={"content-type": "Application/JSON; charset=utf-8"}
-        ).status_code
+        _call(app, "POST", "/classify", "Bearer first-key", content=json.dumps(GOOD), headers=charset).status_code
         == 200
     )
-    assert _call(app, "GET", "/metrics").status_code == 200  # other paths are not the guard's business
 
 
-def test_guard_admits_a_bounded_number_and_refuses_the_rest_at_once():
-    app = _guarded(delay_s=0.5, max_in_flight=2)
+@pytest.mark.parametrize(
+    "body, where, why",
+    [
+        ({"texts": [""]}, ["texts", 0], "empty or only whitespace"),
+        ({"texts": ["ok", "\u200b\u200c\u200d\ufeff"]}, ["texts", 1], "no tokens the model knows"),
+        ({"texts": ["\u00ad", "\u0301"]}, ["texts", 0], "no tokens the model knows"),
+        ({"texts": ["\ue000"]}, ["texts", 0], "no tokens the model knows"),  # private use: [UNK]? no: erased
+        ({"texts": ["ok", 42]}, ["texts", 1], "expected a string"),
+        ({"texts": ["a"] * 9}, ["texts"], "expected 1 to 8 texts, got 9"),
+        ({"texts": []}, ["texts"], "expected 1 to 8 texts, got 0"),
+        ({"texts": "one"}, ["texts"], "expected a list of strings"),
+        ({"texts": ["ok"], "labels": ["fresh"]}, ["labels"], "unknown field; the request takes only 'texts'"),
+        ({"text": ["ok"]}, ["texts"], "field required"),
+        ({"texts": ["x" * 2001]}, ["texts", 0], "text longer than 2000 characters"),
+        (b'{"texts": ["unterminated', [], "body is not valid JSON"),
+        (b'{"texts": ["\\ud800 lone"]}', ["texts", 0], "lone surrogate"),
+        (b"[1, 2]", [], "expected an object"),
+    ],
+)
+def test_schema_is_strict_and_says_where(engine, body, where, why):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = _call(
+        _gate(engine),
+        "POST",
+        "/classify",
+        "Bearer first-key",
+        content=content,
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "validation" and error["message"]
+    assert any(d["loc"] == where and why in d["msg"] for d in error["details"]), error["details"]
+    assert all(set(d) == {"loc", "msg", "type"} for d in error["details"])  # never the input itself
+
+
+def test_guard_admits_a_bounded_number_and_refuses_the_rest_at_once(engine):
+    app = _gate(engine, app=_ok_app(delay_s=0.5), fast_path=False, max_in_flight=2)
 
     async def burst():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
 
             async def one():
                 start = time.perf_counter()
-                response = await client.post("/classify", json={})
+                response = await client.post("/classify", json=GOOD, headers={"authorization": "Bearer first-key"})
                 return response, time.perf_counter() - start
 
             return await asyncio.gather(*(one() for _ in range(5)))
@@ -337,6 +413,7 @@ def test_guard_admits_a_bounded_number_and_refuses_the_rest_at_once():
     before = count("503")
     results = asyncio.run(burst())
     assert sorted(r.status_code for r, _ in results) == [200, 200, 503, 503, 503]
+    assert [r.text for r, _ in results if r.status_code == 200] == ["ok", "ok"]  # forwarded to the app behind
     refused = [(r, t) for r, t in results if r.status_code == 503]
     assert all(r.headers["retry-after"] == "1" and t < 0.25 for r, t in refused)  # at once, not after the work
     assert count("503") == before + 3
@@ -344,24 +421,20 @@ def test_guard_admits_a_bounded_number_and_refuses_the_rest_at_once():
     assert REGISTRY.get_sample_value("trimserve_in_flight_limit") == 2
 
 
-def test_guard_refuses_new_requests_while_the_event_loop_is_behind():
+def test_guard_refuses_new_requests_while_the_event_loop_is_behind(engine):
     async def handler(request):
-        if (await request.body()) == b'"block"':
+        if b"block" in await request.body():
             time.sleep(0.4)  # a stall of the whole event loop, as when it cannot keep up
         return PlainTextResponse("ok")
 
-    app = RequestMetrics(
-        RequestGuard(
-            Starlette(routes=[Route("/classify", handler, methods=["POST"])]),
-            max_body_bytes=1000,
-            max_in_flight=10,
-            max_lag_s=0.1,
-        )
+    app = _gate(
+        engine, app=Starlette(routes=[Route("/classify", handler, methods=["POST"])]), fast_path=False, max_lag_s=0.1
     )
 
     async def scenario():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            post = lambda body: client.post("/classify", json=body)  # noqa: E731
+            auth = {"authorization": "Bearer first-key"}
+            post = lambda text: client.post("/classify", json={"texts": [text]}, headers=auth)  # noqa: E731
             first = await post("hello")  # starts the lag timer
             await asyncio.sleep(0.05)
 
@@ -379,27 +452,146 @@ def test_guard_refuses_new_requests_while_the_event_loop_is_behind():
     assert refused.headers["retry-after"] == "1"
 
 
-def test_guard_refuses_a_body_that_never_completes():
+def test_guard_refuses_a_body_that_never_completes(engine):
     async def trickle():
         yield b'{"texts": '
         await asyncio.sleep(5)
         yield b"[]}"
 
     response = _call(
-        _guarded(body_timeout_s=0.3),
+        _gate(engine, body_timeout_s=0.3),
         "POST",
         "/classify",
+        "Bearer first-key",
         content=trickle(),
         headers={"content-type": "application/json"},
     )
-    assert response.status_code == 408
+    assert response.status_code == 408 and response.json()["error"]["type"] == "slow_body"
 
 
-def test_rejections_are_counted_by_reason():
+def test_rejections_are_counted_by_reason(engine):
     auth = lambda: REGISTRY.get_sample_value("trimserve_rejected_requests_total", {"reason": "auth"})  # noqa: E731
     before = auth()
-    _call(_app(), "POST", "/classify")
+    _classify(_gate(engine), key=None)
     assert auth() == before + 1
+
+
+def _busy(engine: Engine, texts: int = 128) -> None:
+    """Occupy the model thread for a while with one big request of long texts, straight into the queue."""
+    long_text = engine.classifier.tokenize([" ".join(["film"] * 200)])
+    loop = asyncio.new_event_loop()
+    engine.batcher.submit(long_text * texts, loop)  # its result is delivered to a loop nobody runs: dropped
+
+
+def _model_calls() -> float:
+    return REGISTRY.get_sample_value("trimserve_batch_size_count") or 0.0
+
+
+def test_concurrent_requests_share_model_calls(engine):
+    app = _gate(engine)
+
+    async def burst():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            auth = {"authorization": "Bearer first-key"}
+            return await asyncio.gather(
+                *(client.post("/classify", json={"texts": [f"A fine film {i}."]}, headers=auth) for i in range(16))
+            )
+
+    before = _model_calls()
+    _busy(engine, texts=64)  # while the model thread is busy, the 16 requests queue and then share calls
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200] * 16
+    calls = _model_calls() - before - 64 / 8  # the busy request ran in 8 calls of 8 texts
+    assert calls <= 4, f"16 requests that queued together took {calls:.0f} model calls"
+
+
+def test_a_request_past_its_deadline_gets_504_and_never_reaches_the_model(engine):
+    timeouts = lambda: REGISTRY.get_sample_value("trimserve_rejected_requests_total", {"reason": "timeout"})  # noqa: E731
+    before_timeouts, before_texts = timeouts(), REGISTRY.get_sample_value("trimserve_batch_size_sum")
+    _busy(engine)
+    started = time.perf_counter()
+    response = _classify(_gate(engine, timeout_s=0.1))
+    assert response.status_code == 504 and time.perf_counter() - started < 0.4
+    assert response.json()["error"] == {"type": "timeout", "message": "not answered within 0.1 s", "details": []}
+    assert timeouts() == before_timeouts + 1
+    _wait_idle(engine)
+    # The model ran the 128 texts of the busy request, and not the abandoned one.
+    assert REGISTRY.get_sample_value("trimserve_batch_size_sum") - before_texts == 128
+
+
+def test_a_request_whose_client_left_never_reaches_the_model(engine):
+    cancelled = lambda: REGISTRY.get_sample_value("trimserve_requests_total", {"code": "cancelled"}) or 0  # noqa: E731
+    before, before_texts = cancelled(), REGISTRY.get_sample_value("trimserve_batch_size_sum")
+    _busy(engine)
+    body = json.dumps(GOOD).encode()
+    messages = [{"type": "http.request", "body": body, "more_body": False}, {"type": "http.disconnect"}]
+    sent = []
+
+    async def receive():
+        return messages.pop(0) if messages else await asyncio.sleep(3600)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/classify",
+        "headers": [
+            (b"authorization", b"Bearer first-key"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+    }
+    asyncio.run(_gate(engine)(scope, receive, send))
+    assert sent == [] and cancelled() == before + 1  # nobody to answer, counted as cancelled
+    _wait_idle(engine)
+    assert REGISTRY.get_sample_value("trimserve_batch_size_sum") - before_texts == 128
+
+
+def _wait_idle(engine: Engine, timeout_s: float = 60) -> None:
+    """Until the model thread has taken every queued job and finished its round."""
+    start = time.monotonic()
+    while engine.batcher.queue or engine.batcher.busy:
+        assert time.monotonic() - start < timeout_s, "the model thread did not finish"
+        time.sleep(0.02)
+
+
+def test_threads_follow_the_cgroup_cpu_quota(tmp_path):
+    from serve.config import available_cores, cpu_quota
+
+    affinity = len(os.sched_getaffinity(0))
+    assert cpu_quota(tmp_path) is None and available_cores(tmp_path) == (affinity, "CPU affinity")
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # cgroup v2, no limit
+    assert cpu_quota(tmp_path) is None
+    (tmp_path / "cpu.max").write_text("50000 100000\n")  # docker run --cpus=0.5
+    assert cpu_quota(tmp_path) == 0.5 and available_cores(tmp_path) == (1, "cgroup CPU quota 0.5")
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("150000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu_quota(v1) == 1.5
+    assert available_cores(v1) == ((2, "cgroup CPU quota 1.5") if affinity > 2 else (affinity, "CPU affinity"))
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cpu_quota(v1) is None
+
+
+def test_metrics_page_lists_histograms_in_the_canonical_order():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from serve import metrics
+
+    metrics.QUEUE_SECONDS.observe(0.003)
+    page = metrics.exposition().decode()
+    families = {f.name: f for f in text_string_to_metric_families(page)}
+    assert "trimserve_queue_seconds" in families and "trimserve_requests" in families
+    for family in families.values():
+        if family.type != "histogram":
+            continue
+        names = [s.name.rsplit("_", 1)[-1] for s in family.samples]
+        assert names == ["bucket"] * (len(names) - 2) + ["count", "sum"], (family.name, names)
+        bounds = [float(s.labels["le"]) for s in family.samples if s.name.endswith("_bucket")]
+        assert bounds == sorted(bounds) and bounds[-1] == float("inf")
 
 
 def _raw_app(status: int, body: bytes, content_type: bytes = b"application/json", delay_s: float = 0.0):
@@ -473,26 +665,27 @@ BENTOML_400 = json.dumps(
         ),
     ],
 )
-def test_every_error_body_gets_one_shape(status, body, content_type, expected):
-    response = _call(RequestMetrics(_raw_app(status, body, content_type)), "POST", "/classify")
+def test_every_error_body_from_behind_the_gate_gets_one_shape(engine, status, body, content_type, expected):
+    response = _call(_gate(engine, app=_raw_app(status, body, content_type), keys=None), "GET", "/docs.json")
     assert response.status_code == status and response.headers["content-type"] == "application/json"
     assert response.json() == {"error": expected}
     assert int(response.headers["content-length"]) == len(response.content)
-    ok = _call(RequestMetrics(_raw_app(200, b'[{"label": "fresh"}]')), "POST", "/classify")
+    ok = _call(_gate(engine, app=_raw_app(200, b'[{"label": "fresh"}]'), keys=None), "GET", "/docs.json")
     assert ok.json() == [{"label": "fresh"}]  # successes pass untouched
 
 
-def test_a_request_over_the_timeout_gets_504_in_the_same_shape():
+def test_a_route_behind_the_gate_over_the_timeout_gets_504_in_the_same_shape(engine):
     count = lambda: REGISTRY.get_sample_value("trimserve_rejected_requests_total", {"reason": "timeout"})  # noqa: E731
     before = count()
-    slow = RequestMetrics(_raw_app(200, b"[]", delay_s=1.0), timeout_s=0.2)
+    slow = _gate(engine, app=_raw_app(200, b"[]", delay_s=1.0), keys=None, timeout_s=0.2)
     start = time.perf_counter()
-    response = _call(slow, "POST", "/classify")
+    response = _call(slow, "GET", "/docs.json")
     assert time.perf_counter() - start < 0.8
     assert response.status_code == 504
     assert response.json() == {"error": {"type": "timeout", "message": "not answered within 0.2 s", "details": []}}
     assert count() == before + 1
-    assert _call(RequestMetrics(_raw_app(200, b"[]", delay_s=0.05), timeout_s=0.5), "POST", "/classify").json() == []
+    fast = _gate(engine, app=_raw_app(200, b"[]", delay_s=0.05), keys=None, timeout_s=0.5)
+    assert _call(fast, "GET", "/docs.json").json() == []
 
 
 def test_refusal_types_are_a_closed_set_with_one_status_each():

@@ -1,0 +1,172 @@
+"""Continuous batching: whatever is queued when the model becomes free runs together.
+
+One model thread per worker takes the jobs queued since its last call, up to
+``max_batch_size`` texts and ``max_batch_tokens`` padded tokens, sorts their texts by length
+(so a long text does not pad many short ones), runs them in as few model calls as those
+limits allow, and hands each job its probabilities back on the event loop: one thread hop
+per model call each way, none per text.  At low load a job runs at once (no waiting to fill
+a batch); under load the queue that forms while the model is busy is the batch.
+
+Why not BentoML's adaptive batching: measured here (README, Operations), its dispatcher
+merged 1.17 one-text requests per model call and sustained 0.68x the rate of no batching,
+and the path around it cost 3-5 ms of CPU per request against ~2 ms for the model.
+
+A job that has waited longer than ``max_queue_s`` when the model thread reaches it, or
+whose caller gave up (timeout, client gone), is never started on the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from serve import metrics
+from serve.classifier import OnnxClassifier, softmax
+
+logger = logging.getLogger("trimserve.batching")
+
+
+@dataclass
+class Engine:
+    """What the service loads at start and the gate serves from (one per worker process)."""
+
+    classifier: OnnxClassifier | None = None
+    batcher: Batcher | None = None
+    ready: bool = False  # True once warmed up
+
+
+class Overdue(Exception):
+    """The job waited in the queue past ``max_queue_s``: the server is over capacity."""
+
+
+@dataclass(eq=False)
+class Job:
+    """Texts of one request, tokenized; ``future`` gets float32 probabilities [texts, labels]."""
+
+    encodings: list  # tokenizers.Encoding, truncated, not padded
+    future: asyncio.Future
+    queued: float = field(default_factory=time.perf_counter)
+    abandoned: bool = False  # set by the caller when it no longer waits (timeout, client gone)
+
+    @property
+    def texts(self) -> int:
+        return len(self.encodings)
+
+
+class Batcher:
+    """The model thread and its queue.
+
+    Args:
+        model: the classifier; only its ``pad`` and ``session`` are used here.
+        max_batch_size: texts per model call at most.
+        max_batch_tokens: padded tokens per model call at most (texts x longest text).
+        max_queue_s: a job queued longer than this when its turn comes gets ``Overdue``.
+        merge: False runs one request per model call (no batching across requests).
+    """
+
+    def __init__(
+        self, model: OnnxClassifier, max_batch_size: int, max_batch_tokens: int, max_queue_s: float, merge: bool = True
+    ):
+        self.model = model
+        self.merge = merge
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_queue_s = max_queue_s
+        self.queue: deque[Job] = deque()
+        self.busy = False  # a round is being run
+        self.ready = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="trimserve-model", daemon=True)
+        self.thread.start()
+
+    def submit(self, encodings: list, loop: asyncio.AbstractEventLoop) -> Job:
+        """Queue one request's encodings; await ``job.future`` for its probabilities."""
+        job = Job(encodings, loop.create_future())
+        with self.ready:
+            self.queue.append(job)
+            self.ready.notify()
+        return job
+
+    def _take(self) -> list[Job]:
+        """Block until work is queued, then take the jobs that fit one round of model calls."""
+        with self.ready:
+            self.busy = False
+            while not self.queue:
+                self.ready.wait()
+            self.busy = True
+            taken = [self.queue.popleft()]
+            texts = taken[0].texts
+            # A request's texts are never split across rounds; besides the first request, a round
+            # takes what fits one full batch.
+            while self.merge and self.queue and texts + self.queue[0].texts <= max(self.max_batch_size, taken[0].texts):
+                job = self.queue.popleft()
+                taken.append(job)
+                texts += job.texts
+            return taken
+
+    def _run(self) -> None:
+        with contextlib.suppress(OSError):  # name the thread for top -H, py-spy and perf.loadgen's CPU split
+            Path(f"/proc/self/task/{threading.get_native_id()}/comm").write_text("trimserve-model")
+        while True:
+            jobs = self._take()
+            now = time.perf_counter()
+            outcomes: list[tuple[Job, object]] = []
+            live = []
+            for job in jobs:
+                if job.abandoned:
+                    continue
+                if now - job.queued > self.max_queue_s:
+                    outcomes.append((job, Overdue()))
+                    continue
+                metrics.QUEUE_SECONDS.observe(now - job.queued)
+                live.append(job)
+            if live:
+                try:
+                    outcomes += zip(live, self._infer(live), strict=True)
+                except Exception as err:  # a bug or a broken model: every waiting request gets a 500
+                    logger.exception("model call failed")
+                    outcomes += [(job, err) for job in live]
+            if outcomes:  # one wake-up of the event loop per round, not per job
+                outcomes[0][0].future.get_loop().call_soon_threadsafe(_deliver, outcomes)
+
+    def _infer(self, jobs: list[Job]) -> list[np.ndarray]:
+        """Run the jobs' texts in length-sorted model calls within the limits; probabilities per job."""
+        flat = [(j, i, e) for j, job in enumerate(jobs) for i, e in enumerate(job.encodings)]
+        flat.sort(key=lambda item: len(item[2].ids))
+        probs = [np.empty((job.texts, len(self.model.labels)), dtype=np.float32) for job in jobs]
+        start = 0
+        while start < len(flat):
+            end = start + 1
+            while (
+                end < len(flat)
+                and end - start < self.max_batch_size
+                and (end - start + 1) * len(flat[end][2].ids) <= self.max_batch_tokens
+            ):
+                end += 1
+            chunk = flat[start:end]
+            began = time.perf_counter()
+            encoded = self.model.pad([e for _, _, e in chunk])
+            chunk_probs = softmax(self.model.logits(encoded))
+            metrics.record_batch(len(chunk), time.perf_counter() - began)
+            for (j, i, _), row in zip(chunk, chunk_probs, strict=True):
+                probs[j][i] = row
+            start = end
+        return probs
+
+
+def _deliver(outcomes: list[tuple[Job, object]]) -> None:
+    """On the event loop: each job's probabilities, or the exception it ended with."""
+    for job, outcome in outcomes:
+        if job.future.done():  # the caller timed out or left meanwhile
+            continue
+        if isinstance(outcome, BaseException):
+            job.future.set_exception(outcome)
+        else:
+            job.future.set_result(outcome)

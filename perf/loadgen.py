@@ -68,7 +68,7 @@ GOALS = {
     "cpu_overhead_ms": 1.0,
     "low_load_overhead_ms": 1.5,
     "sustained_rps": 250.0,
-    "speedup_vs_bentoml": 2.5,
+    "speedup_vs_before": 2.5,
     "closed_loop_batching_speedup": 1.5,
 }
 
@@ -97,6 +97,13 @@ class LoadConfig(LoadBase):
     cpu_duration_s: float = field(default=10.0, metadata={"help": "seconds of the moderate phase"})
     closed_clients: int = field(default=32, metadata={"help": "closed loop: concurrent clients (0: skip)"})
     closed_duration_s: float = field(default=10.0, metadata={"help": "closed loop: seconds"})
+    compare_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "another checkout (e.g. a git worktree of an older commit) whose serve/ is measured too, as mode "
+            "'compare', with its own defaults: before/after in one run"
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -132,6 +139,8 @@ def run(config: LoadConfig) -> dict:
         modes = {"target": measure(config.url, _read_key(config.api_key_file), texts, config, "target", None, out)}
     else:
         modes = {mode: _serve_and_measure(mode, target, texts, config, out) for mode in config.modes}
+        if config.compare_dir:
+            modes["compare"] = _serve_and_measure("compare", target, texts, config, out, config.compare_dir)
     # The raw session, now that no server competes for the cores; on the server's cores.
     pin(config.server_cpus)
     raw = raw_latency(target, threads, texts, config)
@@ -149,10 +158,16 @@ def _read_key(path: str | None) -> str | None:
     return Path(path).read_text().split("\n", 1)[0].strip()
 
 
-def _serve_and_measure(mode: str, target: Target, texts: list[str], config: LoadConfig, out: Path) -> dict:
-    env = {**target.server_env(config.thread_count), **config.extra_env, **MODES[mode]}
-    print(f"[{mode}] starting bentoml serve ({' '.join(f'{k}={v}' for k, v in MODES[mode].items()) or 'defaults'})")
-    with served(env, config.working_dir, config.server_cpus) as (url, key, server):
+def _serve_and_measure(
+    mode: str, target: Target, texts: list[str], config: LoadConfig, out: Path, working_dir: str | None = None
+) -> dict:
+    extra = {} if working_dir else {**config.extra_env, **MODES[mode]}  # another checkout: its own defaults
+    env = {**target.server_env(config.thread_count), **extra}
+    print(
+        f"[{mode}] starting bentoml serve ({' '.join(f'{k}={v}' for k, v in extra.items()) or 'defaults'}"
+        f"{f' from {working_dir}' if working_dir else ''})"
+    )
+    with served(env, working_dir or config.working_dir, config.server_cpus) as (url, key, server):
         return {"server_env": env, **measure(url, key, texts, config, mode, server, out)}
 
 
@@ -418,12 +433,13 @@ def goals(modes: dict, raw: dict) -> dict:
             ">=",
             "highest Server-scenario rate with p99 within the bound and <= 1 % failed",
         )
-        if held.get("bentoml"):
-            out["speedup_vs_bentoml"] = _goal(
-                round(value / held["bentoml"], 2),
-                GOALS["speedup_vs_bentoml"],
+        before = "compare" if held.get("compare") else "bentoml" if held.get("bentoml") else None
+        if before:
+            out["speedup_vs_before"] = _goal(
+                round(value / held[before], 2),
+                GOALS["speedup_vs_before"],
                 ">=",
-                "sustained rate against BentoML's path (TRIMSERVE_FAST_PATH=0)",
+                f"sustained rate against the '{before}' mode in this run",
             )
     closed = {m: (r.get("closed_loop") or {}).get("sentences_per_s") for m, r in modes.items()}
     if closed.get("batching") and closed.get("no-batching"):

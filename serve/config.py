@@ -95,6 +95,19 @@ class ServeConfig:
             "help": "one log line per request: method, path, status, bytes, texts, milliseconds (no text, no key)"
         },
     )
+    tracing: bool = field(
+        default=False,
+        metadata={
+            "help": "BentoML's OpenTelemetry spans for /classify too (off, the route is excluded from tracing, which "
+            "costs CPU per request even when nothing is sampled; turn on when you export traces)"
+        },
+    )
+    bentoml_metrics: bool = field(
+        default=True,
+        metadata={
+            "help": "BentoML's own bentoml_service_* request metrics next to trimserve's (a middleware per request)"
+        },
+    )
     max_texts_per_request: int = field(default=64, metadata={"help": "more texts in one request gives 400"})
     max_text_chars: int = field(
         default=10_000,

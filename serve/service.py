@@ -45,6 +45,7 @@ from serve.gate import Gate
 from serve.schema import Limits
 
 BACKSTOP_S = 5.0  # BentoML's own timeout, after the gate's: only a backstop
+UNTRACED = ["/livez", "/readyz", "/healthz", "/metrics"]
 logger = logging.getLogger("trimserve.serve")
 logging.getLogger("trimserve").setLevel(logging.INFO)  # BentoML leaves the root logger at WARNING
 
@@ -98,7 +99,11 @@ class Prediction(BaseModel):
 # No BentoML max_concurrency (the gate admits, answering 503 with Retry-After and counting it),
 # and no BentoML access log (the gate writes one line per request, without BentoML's formatting).
 @bentoml.service(
-    workers=CONFIG.workers, traffic={"timeout": CONFIG.timeout_s + BACKSTOP_S}, logging={"access": {"enabled": False}}
+    workers=CONFIG.workers,
+    traffic={"timeout": CONFIG.timeout_s + BACKSTOP_S},
+    logging={"access": {"enabled": False}},
+    metrics={"enabled": CONFIG.bentoml_metrics, "namespace": "bentoml_service"},
+    tracing={"excluded_urls": UNTRACED if CONFIG.tracing else [*UNTRACED, "/classify"]},
 )
 class Classifier:
     """Text classifier exported and selected by trimserve (ONNX Runtime)."""

@@ -163,7 +163,7 @@ def train(config: TrainConfig) -> TrainManifest:
 
     staging = Path(tempfile.mkdtemp(prefix=".train-", dir=output.parent if output.parent.exists() else None))
     try:
-        eval_steps = _eval_interval(config, len(train_ds))
+        eval_steps = eval_interval(config, len(train_ds))
         trainer = _make_trainer(config, model, tokenizer, train_ds, val_ds, staging / "checkpoints", eval_steps)
         started = time.perf_counter()
         result = trainer.train()
@@ -295,7 +295,7 @@ def compute_metrics(eval_pred) -> dict:
     }
 
 
-def _eval_interval(config: TrainConfig, train_rows: int) -> int:
+def eval_interval(config: TrainConfig, train_rows: int) -> int:
     """Steps between evaluations: ``--eval-steps``, or 100 cut down so a short run still gets patience + 2."""
     if config.eval_steps is not None:
         return config.eval_steps

@@ -306,8 +306,7 @@ def eval_interval(config: TrainConfig, train_rows: int) -> int:
 
 
 def _evaluate_last_step(eval_steps: int):
-    """A Trainer callback: evaluate (and checkpoint) at the final step too, so the steps after the last
-    interval count when the best model is chosen."""
+    """A Trainer callback that also evaluates (and checkpoints) the final step, so its model can be the one kept."""
     from transformers import TrainerCallback
 
     class EvaluateLastStep(TrainerCallback):

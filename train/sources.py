@@ -69,6 +69,7 @@ def read_source(spec) -> Source:
         return Source({"all": _columns(_read_table(path), spec)}, sha256_file(path), spec)
     name = spec.source
     suffixes = [s.lower() for s in path.suffixes]
+    # A hub id is "name" or "org/name" with no file suffix: anything else was meant as a path.
     if (
         any(s in _TABLE_SUFFIXES + _COMPRESSIONS for s in suffixes)
         or name.startswith((".", "/", "~"))

@@ -81,7 +81,17 @@ def test_cli_prints_one_line_and_exits_non_zero(tmp_path):
     assert bad_flag.returncode == 2 and "Traceback" not in bad_flag.stderr
     assert "--batch-size must be >= 1" in bad_flag.stderr
     fractions = subprocess.run(
-        [sys.executable, "-m", "train", "--validation-fraction", "0.1", "--test-fraction", "0.95"],
+        [
+            sys.executable,
+            "-m",
+            "train",
+            "--validation-fraction",
+            "0.1",
+            "--test-fraction",
+            "0.95",
+            "--output",
+            str(tmp_path),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,

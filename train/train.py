@@ -102,6 +102,13 @@ class TrainConfig:
             raise UserError("--epochs, --learning-rate and --lora-learning-rate must be positive")
         if not 0 <= self.warmup_ratio <= 1 or not 0 <= self.lora_dropout < 1 or self.weight_decay < 0:
             raise UserError("--warmup-ratio must lie in [0, 1], --lora-dropout in [0, 1), --weight-decay >= 0")
+        if not (0 < self.validation_fraction < 1 and 0 < self.test_fraction < 1) or (
+            self.validation_fraction + self.test_fraction >= 1
+        ):
+            raise UserError(
+                "--validation-fraction and --test-fraction must lie in (0, 1) and sum to less than 1, got "
+                f"{self.validation_fraction} and {self.test_fraction}"
+            )
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be >= 1, got {self.threads}")
         for name in ("max_train_samples", "max_eval_samples"):

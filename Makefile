@@ -37,8 +37,9 @@ FLAGS.export := $(EXPORT_FLAGS)
 FLAGS.perf := $(PERF_FLAGS)
 
 # Changing a variable re-runs the stages it feeds: in a directory of one's own, each stage also
-# depends on a file holding its flags, rewritten only when they change.
+# depends on a file holding its flags, remade only when they differ from what it holds.
 STAMP = $(if $(OWN)$(wildcard $(ART)/.make/$1.flags),$(ART)/.make/$1.flags)
+same = $(and $(findstring x$1,x$2),$(findstring x$2,x$1))
 
 # make replaces $(ART)/selected.json only when it selects from $(ART)/variants, as make's own perf
 # step writes it (and a re-export makes it stale anyway); a selection of other variants, written
@@ -59,9 +60,10 @@ $(INSTALLED): pyproject.toml requirements.lock
 
 setup: $(INSTALLED)
 
-$(ART)/.make/%.flags: FORCE
+.SECONDEXPANSION:
+$(ART)/.make/%.flags: $$(if $$(call same,$$(file <$$@),$$(FLAGS.$$*)),,FORCE)
 	@mkdir -p $(@D)
-	@echo '$(FLAGS.$*)' | cmp -s - $@ || echo '$(FLAGS.$*)' > $@
+	@echo '$(FLAGS.$*)' > $@
 
 # A local DATA file is a prerequisite too: editing it retrains.
 $(ART)/model/train_manifest.json: $(INSTALLED) $(call STAMP,train) $(wildcard $(DATA))

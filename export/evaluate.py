@@ -1,7 +1,8 @@
 """How a variant is judged: scores, the numerical check, and the PyTorch reference logits.
 
-``score`` and ``numeric_check`` need only numpy and scikit-learn, so perf/ can score ONNX
-engines without importing torch; the reference functions import torch when called.
+``score`` (train/scoring.py: accuracy, macro-F1, per-class scores, confusion matrix) and
+``numeric_check`` need only numpy and scikit-learn, so perf/ can score ONNX engines without
+importing torch; the reference functions import torch when called.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from train.scoring import score
 
 # Numerical check tolerances per kind of variant, against the PyTorch model it came from.
 # fp32 exports differ by float reordering only; fusions approximate GELU/LayerNorm a little;
@@ -19,21 +22,6 @@ TOLERANCES = {
     "fp16": {"max_abs_logit_diff": 5e-2, "min_label_agreement": 0.99},
     "int8": {"max_abs_logit_diff": 2.5, "min_label_agreement": 0.95},
 }
-
-
-def score(logits: np.ndarray, labels: list[str], label_names: list[str]) -> dict:
-    """Accuracy and macro-F1 of float logits [n, classes] against ``labels`` (names, in ``label_names`` order).
-
-    Returns ``{"accuracy": float, "macro_f1": float}`` rounded to 5 digits.
-    """
-    from sklearn.metrics import accuracy_score, f1_score
-
-    truth = np.array([label_names.index(x) for x in labels])
-    preds = logits.argmax(axis=1)
-    return {
-        "accuracy": round(float(accuracy_score(truth, preds)), 5),
-        "macro_f1": round(float(f1_score(truth, preds, average="macro")), 5),
-    }
 
 
 def numeric_check(logits: np.ndarray, reference: np.ndarray, tolerance: dict) -> dict:

@@ -50,7 +50,8 @@ from serve.contract import (
     write,
 )
 from train.cliargs import ConfigParser, add_config_args, config_from_args
-from train.data import DataSpec, Splits, load_splits, spec_from_description
+from train.data import DataSpec, Splits, check_rebuilt, load_splits, spec_from_description
+from train.scoring import per_class_f1_text
 
 BY_NAME = {r.name: r for r in RECIPES}
 SUPPORTED_MODEL_TYPES = ("bert",)
@@ -353,6 +354,8 @@ def _load_data(config: ExportConfig, train_manifest: TrainManifest | None) -> Sp
     splits = load_splits(spec)
     if not config.data and splits.sha256 != train_manifest.data["sha256"]:
         raise UserError(f"data {spec.source} has changed since training (sha256 differs); re-train or pass --data")
+    if not config.data:
+        check_rebuilt(splits, train_manifest.data)
     if config.max_train_samples:
         splits.train = splits.train.iloc[: config.max_train_samples]
     if config.max_eval_samples:
@@ -384,11 +387,14 @@ def _publish(staging: Path, out: Path) -> None:
 
 
 def _print_summary(records: dict[str, VariantRecord], manifest: VariantsManifest) -> None:
-    print(f"{'variant':14} {'status':7} {'test acc':>8} {'MB':>6}")
+    print(f"{'variant':14} {'status':7} {'test acc':>8} {'macro-F1':>8} {'MB':>6}  test F1 per class")
     for v in manifest.variants:
-        record = records.get(v.name)
-        acc = record.metrics["test"]["accuracy"] if record else float("nan")
-        print(f"{v.name:14} {v.status:7} {acc:8.4f} {sum(f['bytes'] for f in v.files.values()) / 1e6:6.1f}")
+        test = records[v.name].metrics["test"] if v.name in records else {}
+        print(
+            f"{v.name:14} {v.status:7} {test.get('accuracy', float('nan')):8.4f} "
+            f"{test.get('macro_f1', float('nan')):8.4f} {sum(f['bytes'] for f in v.files.values()) / 1e6:6.1f}  "
+            f"{per_class_f1_text(test)}"
+        )
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ from serve.contract import (
     write,
 )
 from train.cliargs import ConfigParser, add_config_args, config_from_args
-from train.data import load_splits, spec_from_description
+from train.data import check_rebuilt, load_splits, spec_from_description
 
 BASELINE_A = "baseline-pipeline"
 BASELINE_B = "baseline-optimum-int8"
@@ -69,7 +69,9 @@ class PerfConfig:
     output: str = field(
         default="artifacts/perf", metadata={"help": "report directory (report.json, report.md, pareto.png)"}
     )
-    selected: str = field(default="artifacts/selected.json", metadata={"help": "where to write the serving choice"})
+    selected: str | None = field(
+        default=None, metadata={"help": "where to write the serving choice (default: selected.json beside --output)"}
+    )
     budget: float = field(
         default=0.99, metadata={"help": "selected variant keeps >= budget x onnx-fp32 test accuracy (MLPerf: 0.99)"}
     )
@@ -117,6 +119,11 @@ class PerfConfig:
     def thread_count(self) -> int:
         return self.threads or os.cpu_count() or 1
 
+    @property
+    def selection_path(self) -> Path:
+        """``--selected``, or ``selected.json`` beside the report directory (of artifacts/perf: artifacts/)."""
+        return Path(self.selected) if self.selected else Path(self.output).parent / Selection.FILE
+
 
 def main(argv: list[str] | None = None) -> dict:
     parser = ConfigParser(prog="python -m perf", description=__doc__.split("\n\n")[0])
@@ -140,7 +147,9 @@ def run(config: PerfConfig) -> dict:
     model_dir = Path(config.model or manifest.model["path"])
     if not (model_dir / "config.json").is_file():
         raise UserError(f"baseline model {model_dir} is missing; pass --model with the fine-tuned model directory")
-    test = load_splits(spec_from_description(manifest.data)).test
+    splits = load_splits(spec_from_description(manifest.data))
+    check_rebuilt(splits, manifest.data)
+    test = splits.test
     if config.max_eval_samples:
         test = test.iloc[: config.max_eval_samples]
     texts, labels = test["text"].tolist(), test["label"].tolist()
@@ -212,9 +221,13 @@ def run(config: PerfConfig) -> dict:
     (out / "report.md").write_text(report.markdown(results))
     if "single" in config.scenarios:
         report.plot(results, out / "pareto.png")
-    _write_selection(results["selection"], manifest, entries, Path(config.selected))
+    report.plot_confusion(results, out / "confusion.png")
+    _write_selection(results["selection"], manifest, entries, config.selection_path)
     print(report.markdown_table(results))
-    print(f"report: {out / 'report.md'}  plot: {out / 'pareto.png'}  selection: {config.selected}")
+    print(
+        f"report: {out / 'report.md'}  plots: {out / 'pareto.png'}, {out / 'confusion.png'}  "
+        f"selection: {config.selection_path}"
+    )
     return results
 
 

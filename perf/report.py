@@ -1,4 +1,4 @@
-"""Turn perf results into ratios, a Pareto front, a markdown report and a plot."""
+"""Turn perf results into ratios, a Pareto front, a markdown report and plots (Pareto front, confusion matrix)."""
 
 from __future__ import annotations
 
@@ -72,6 +72,35 @@ def markdown_table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def per_class_table(results: dict) -> str:
+    """Test F1 of every class (columns) for every entry (rows); empty without per-class scores."""
+    entries = [e for e in results["entries"] if "per_class" in e["accuracy"]]
+    if not entries:
+        return ""
+    classes = list(entries[0]["accuracy"]["per_class"])
+    rows = ["| entry | " + " | ".join(classes) + " |", "|" + "---|" * (len(classes) + 1)]
+    for e in entries:
+        per_class = e["accuracy"]["per_class"]
+        rows.append(f"| {e['name']} | " + " | ".join(f"{per_class[c]['f1']:.4f}" for c in classes) + " |")
+    return "\n".join(rows)
+
+
+def class_report(metrics: dict) -> str:
+    """Precision, recall, F1 and support per class, then the confusion matrix, as markdown tables."""
+    per_class, confusion = metrics["per_class"], metrics["confusion_matrix"]
+    rows = ["| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    rows += [
+        f"| {c} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |"
+        for c, m in per_class.items()
+    ]
+    labels = confusion["labels"]
+    rows += ["", "| true \\ predicted | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]
+    rows += [
+        f"| {t} | " + " | ".join(map(str, counts)) + " |" for t, counts in zip(labels, confusion["matrix"], strict=True)
+    ]
+    return "\n".join(rows)
+
+
 def sweep_table(results: dict) -> str:
     entries = [e for e in results["entries"] if "sweep" in e]
     if not entries:
@@ -114,6 +143,20 @@ def markdown(results: dict) -> str:
             f"({ie['nominal_peak_gops']} G ops/s: {ie['nominal_peak']['formula']}) "
             f"and {ie['share_of_measured_peak']:.1%} "
             f"of the measured MatMulInteger peak ({ie['measured_peak_gops']} G ops/s).",
+            "",
+        ]
+    per_class = per_class_table(results)
+    if per_class:
+        selected = next(e for e in results["entries"] if e["name"] == sel["variant"])
+        lines += [
+            "Test F1 per class:",
+            "",
+            per_class,
+            "",
+            f"{sel['variant']} (selected) on the test split, per class, and its confusion matrix "
+            "(rows: true class, columns: predicted; confusion.png draws it):",
+            "",
+            class_report(selected["accuracy"]),
             "",
         ]
     sweep = sweep_table(results)
@@ -166,3 +209,31 @@ def _f(x, digits: int = 2) -> str:
 
 def _x(x) -> str:
     return "" if x is None else f"{x:.1f}x"
+
+
+def plot_confusion(results: dict, path: Path) -> None:
+    """The selected variant's test confusion matrix: counts, shaded by the share of each true class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    name = results["selection"]["variant"]
+    confusion = next(e for e in results["entries"] if e["name"] == name)["accuracy"]["confusion_matrix"]
+    labels, counts = confusion["labels"], np.array(confusion["matrix"])
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = 2.5 + 0.7 * len(labels)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), n in np.ndenumerate(counts):
+        ax.text(j, i, str(n), ha="center", va="center", color="white" if shares[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{name}: test confusion matrix (shade: share of the true class)", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

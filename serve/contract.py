@@ -204,13 +204,19 @@ class TrainManifest(Record):
     base_model_path: str
     model_type: str
     method: str  # "full" or "lora"
-    data: dict  # the split description (train.data.Splits.describe): rebuilds the same splits
+    # the split description (train.data.Splits.describe): rebuilds the same splits; "rows" counts what was
+    # read and dropped by reason, "split" says how the split was made, with a fingerprint per split
+    data: dict
     max_length: int
     seed: int
     hyperparameters: dict
     parameters: dict  # {"total": int, "trainable": int}
-    metrics: dict  # {"validation": {...}, "test": {...}}: accuracy, macro_f1
-    train: dict  # {"seconds", "steps", "loss", "threads"}
+    # {"validation": {...}, "test": {...}}: accuracy, macro_f1, per_class (precision, recall, f1, support
+    # per class name) and confusion_matrix ({"labels", "matrix": rows true, columns predicted})
+    metrics: dict
+    # {"seconds", "steps", "loss", "threads", "eval_steps", "best_step" (the step of the model kept),
+    # "evaluations": [{"step", "accuracy", "macro_f1"}]}
+    train: dict
     versions: dict
     created: str
 
@@ -238,7 +244,7 @@ class VariantRecord(Record):
     pad_token_id: int
     recipe: dict  # how it was built (tool, configuration)
     check: dict  # numerical check against its PyTorch model (label agreement, max |dlogit|)
-    metrics: dict  # {"validation": {...}, "test": {...}}
+    metrics: dict  # {"validation": {...}, "test": {...}}: the keys of TrainManifest.metrics
     provider: str  # ONNX Runtime execution provider the check ran on
     build_seconds: float
     pruning: dict | None = None  # what structure was removed (pruned recipes only)

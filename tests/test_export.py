@@ -8,7 +8,7 @@ import pytest
 
 from export.export import ExportConfig, export
 from serve.classifier import OnnxClassifier
-from serve.contract import UserError, VariantRecord, VariantsManifest, read, verify_files
+from serve.contract import TrainManifest, UserError, VariantRecord, VariantsManifest, read, verify_files
 from tests.conftest import REPO
 from train.data import DataSpec, load_splits
 
@@ -111,12 +111,16 @@ def test_pruned_pytorch_weights_reload_and_match_onnx(manifest):
     assert np.abs(torch_logits - onnx_logits).max() < 1e-3
 
 
-def test_fp32_export_alone_is_checked_and_recorded(tiny_fp32):
+def test_fp32_export_alone_is_checked_and_recorded(tiny_fp32, tiny_model):
     manifest = read(tiny_fp32, VariantsManifest)
     assert [v.name for v in manifest.variants] == ["onnx-fp32"] and manifest.model["model_type"] == "bert"
     record = manifest.load(manifest.entry("onnx-fp32"))
     assert record.check["passed"] and record.check["max_abs_logit_diff"] < 1e-3
     assert record.metrics["test"]["accuracy"] == pytest.approx(manifest.pytorch["test"]["accuracy"], abs=0.01)
+    per_class, confusion = record.metrics["test"]["per_class"], record.metrics["test"]["confusion_matrix"]
+    assert list(per_class) == record.labels and sum(c["support"] for c in per_class.values()) == 128
+    assert confusion["labels"] == record.labels and sum(map(sum, confusion["matrix"])) == 128
+    assert manifest.data["split"]["sha256"] == read(tiny_model, TrainManifest).data["split"]["sha256"]
 
 
 def test_corrupt_onnx_file_is_refused_by_readers(tiny_fp32, tmp_path):

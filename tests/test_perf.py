@@ -1,7 +1,8 @@
+import numpy as np
 import pytest
 
 from perf.bench import BASELINE_A, BASELINE_B, PerfConfig, run, select
-from perf.report import pareto_front
+from perf.report import class_report, pareto_front, per_class_table, plot_confusion
 from serve.contract import Selection, UserError, read
 
 
@@ -113,3 +114,29 @@ def test_bad_config():
         PerfConfig(budget=1.5)
     with pytest.raises(UserError, match="unknown scenario"):
         PerfConfig(scenarios=("server",))
+
+
+def test_selection_sits_beside_the_report_unless_told_otherwise(tmp_path):
+    assert PerfConfig(output=str(tmp_path / "mine" / "perf")).selection_path == tmp_path / "mine" / "selected.json"
+    assert PerfConfig().selection_path.as_posix() == "artifacts/selected.json"  # the default pipeline's, as before
+    assert PerfConfig(selected="x/s.json").selection_path.as_posix() == "x/s.json"
+
+
+def test_per_class_report_and_confusion_plot(tmp_path):
+    from train.scoring import score
+
+    labels = ["Democratic", "Moderator", "Republican"]
+    truth = ["Democratic"] * 3 + ["Moderator"] * 2 + ["Republican"] * 3
+    preds = [0, 0, 2, 1, 1, 2, 2, 0]
+    entry = {"name": "int8-dynamic", "accuracy": score(np.eye(3)[preds], truth, labels)}
+    results = {"entries": [entry], "selection": {"variant": "int8-dynamic"}}
+    assert per_class_table(results).splitlines() == [
+        "| entry | Democratic | Moderator | Republican |",
+        "|---|---|---|---|",
+        "| int8-dynamic | 0.6667 | 1.0000 | 0.6667 |",
+    ]
+    text = class_report(entry["accuracy"])
+    assert "| Moderator | 1.0000 | 1.0000 | 1.0000 | 2 |" in text
+    assert "| Republican | 1 | 0 | 2 |" in text  # rows: true class; columns: predicted
+    plot_confusion(results, tmp_path / "confusion.png")
+    assert (tmp_path / "confusion.png").stat().st_size > 5_000

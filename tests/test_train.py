@@ -7,7 +7,7 @@ import pytest
 from serve.contract import TrainManifest, UserError, read
 from tests.conftest import REPO
 from train.data import DataSpec, load_splits
-from train.train import TrainConfig, train
+from train.train import TrainConfig, eval_interval, train
 
 
 def test_default_split_is_movie_disjoint_and_deterministic():
@@ -80,6 +80,75 @@ def test_cli_prints_one_line_and_exits_non_zero(tmp_path):
     )
     assert bad_flag.returncode == 2 and "Traceback" not in bad_flag.stderr
     assert "--batch-size must be >= 1" in bad_flag.stderr
+    fractions = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train",
+            "--validation-fraction",
+            "0.1",
+            "--test-fraction",
+            "0.95",
+            "--output",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert fractions.returncode == 2 and fractions.stderr == (
+        "error: --validation-fraction and --test-fraction must lie in (0, 1) and sum to less than 1, got 0.1 and 0.95\n"
+    )
+
+
+def test_evaluation_interval_fits_the_run():
+    assert eval_interval(TrainConfig(), 10225) == 100  # the default run: 640 steps, as before
+    assert eval_interval(TrainConfig(), 699) == 8  # 44 steps: 100 would mean no evaluation at all
+    assert eval_interval(TrainConfig(max_steps=15), 699) == 3
+    assert eval_interval(TrainConfig(eval_steps=10), 699) == 10  # asked for: kept
+
+
+def _intents_csv(path, rows_per_class: int = 50) -> str:
+    """Three intents a few steps can tell apart; the catch-all class is named None."""
+    templates = {
+        "None": "the weather today is item {}",
+        "greeting": "hello there, good morning {}",
+        "order": "I want to buy {} pizzas",
+    }
+    frame = pd.DataFrame(
+        [{"utterance": t.format(i), "intent": name} for name, t in templates.items() for i in range(rows_per_class)]
+    )
+    frame.to_csv(path, index=False)
+    return str(path)
+
+
+def test_kept_model_is_the_best_evaluation_including_the_last_step(tmp_path):
+    manifest = train(
+        TrainConfig(
+            data=_intents_csv(tmp_path / "intents.csv"),
+            text_column="utterance",
+            label_column="intent",
+            output=str(tmp_path / "model"),
+            max_steps=15,
+            eval_steps=10,
+            batch_size=8,
+            max_length=32,
+            learning_rate=2e-4,
+            tensorboard=True,
+        )
+    )
+    evaluations = manifest.train["evaluations"]
+    assert [e["step"] for e in evaluations] == [10, 15]  # 15 is no multiple of 10: evaluated as the last step
+    at = {e["step"]: e["accuracy"] for e in evaluations}
+    assert manifest.train["best_step"] == (15 if at[15] > at[10] else 10)  # a tie keeps the earlier one
+    assert manifest.metrics["validation"]["accuracy"] == at[manifest.train["best_step"]]  # that model was kept
+    assert manifest.data["label_names"] == ["None", "greeting", "order"]
+    test = manifest.metrics["test"]
+    assert list(test["per_class"]) == ["None", "greeting", "order"]
+    assert test["confusion_matrix"]["labels"] == ["None", "greeting", "order"]
+    assert sum(map(sum, test["confusion_matrix"]["matrix"])) == manifest.data["sizes"]["test"] == 15
+    runs = list((tmp_path / "runs").iterdir())  # one TensorBoard directory per run, named after it
+    assert len(runs) == 1 and runs[0].name.startswith("model-") and any(runs[0].iterdir())
 
 
 def test_tiny_training_run_end_to_end(tiny_model):
@@ -90,7 +159,11 @@ def test_tiny_training_run_end_to_end(tiny_model):
     assert manifest.data["label_names"] == ["fresh", "rotten"] and manifest.model_type == "bert"
     assert manifest.data["sizes"] == {"train": 2048, "validation": 128, "test": 128}
     assert manifest.train["steps"] == 60
-    assert set(manifest.metrics["test"]) == {"accuracy", "macro_f1"}
+    assert set(manifest.metrics["test"]) == {"accuracy", "macro_f1", "per_class", "confusion_matrix"}
+    assert set(manifest.metrics["test"]["per_class"]) == {"fresh", "rotten"}
+    assert sum(map(sum, manifest.metrics["test"]["confusion_matrix"]["matrix"])) == 128
+    assert [e["step"] for e in manifest.train["evaluations"]] == [30, 60]
+    assert manifest.data["split"]["method"] == "by movie_name"
     assert (tiny_model / "model.safetensors").is_file()
 
     # Reload from disk and predict: the reloaded model reproduces the recorded test accuracy.

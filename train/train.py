@@ -2,8 +2,9 @@
 
 Reads top to bottom: load and split the data, tokenize, build the model (full fine-tuning
 or LoRA), train with transformers' Trainer (AdamW, linear warm-up, weight decay, early
-stopping on validation accuracy), evaluate on the movie-disjoint test split, and write
-the model directory plus ``train_manifest.json``.  LoRA adapters are merged into the base
+stopping on validation accuracy; the model kept is the best evaluation, one at the final
+step included), evaluate on the test split (per class too), and write the model directory
+plus ``train_manifest.json``.  LoRA adapters are merged into the base
 weights, so export/ always sees a plain ``BertForSequenceClassification``.
 
     python -m train --help
@@ -12,6 +13,7 @@ weights, so export/ always sees a plain ``BertForSequenceClassification``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -24,6 +26,7 @@ from typing import Literal
 from serve.contract import TRAIN_MANIFEST, TrainManifest, UserError, run_cli, write
 from train.cliargs import ConfigParser, add_config_args, config_from_args
 from train.data import DEFAULT_DATA, DEFAULT_MODEL, DataSpec, Splits, load_splits, resolve_model
+from train.scoring import per_class_f1_text, score
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,12 @@ class TrainConfig:
     label_column: str = field(default="label", metadata={"help": "label column of a data file"})
     group_column: str | None = field(
         default=None, metadata={"help": "keep each value of this column in one split (default data: movie_name)"}
+    )
+    validation_fraction: float = field(
+        default=0.1, metadata={"help": "share of the rows for validation (data without its own validation split)"}
+    )
+    test_fraction: float = field(
+        default=0.1, metadata={"help": "share of the rows for test (data without its own test split)"}
     )
     output: str = field(default="artifacts/model", metadata={"help": "model directory to write"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing model in --output"})
@@ -68,7 +77,13 @@ class TrainConfig:
     )
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     warmup_ratio: float = field(default=0.06, metadata={"help": "fraction of steps of linear warm-up"})
-    eval_steps: int = field(default=100, metadata={"help": "evaluate on validation every N steps"})
+    eval_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "evaluate on validation every N steps, and at the last step (default: 100, fewer on small "
+            "sets so that early stopping gets patience + 2 evaluations)"
+        },
+    )
     patience: int = field(default=3, metadata={"help": "early stopping: evaluations without improvement"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator"})
@@ -79,7 +94,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_length", "batch_size", "grad_accum", "eval_steps", "patience", "lora_r", "eval_batch_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise UserError(f"--max-steps must be -1 or >= 1, got {self.max_steps}")
@@ -87,6 +102,13 @@ class TrainConfig:
             raise UserError("--epochs, --learning-rate and --lora-learning-rate must be positive")
         if not 0 <= self.warmup_ratio <= 1 or not 0 <= self.lora_dropout < 1 or self.weight_decay < 0:
             raise UserError("--warmup-ratio must lie in [0, 1], --lora-dropout in [0, 1), --weight-decay >= 0")
+        if not (0 < self.validation_fraction < 1 and 0 < self.test_fraction < 1) or (
+            self.validation_fraction + self.test_fraction >= 1
+        ):
+            raise UserError(
+                "--validation-fraction and --test-fraction must lie in (0, 1) and sum to less than 1, got "
+                f"{self.validation_fraction} and {self.test_fraction}"
+            )
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be >= 1, got {self.threads}")
         for name in ("max_train_samples", "max_eval_samples"):
@@ -101,6 +123,8 @@ class TrainConfig:
             label_column=self.label_column,
             group_column=self.group_column,
             seed=self.seed,
+            validation_fraction=self.validation_fraction,
+            test_fraction=self.test_fraction,
         )
 
 
@@ -125,7 +149,7 @@ def train(config: TrainConfig) -> TrainManifest:
     if config.max_eval_samples:
         splits.validation = splits.validation.iloc[: config.max_eval_samples]
         splits.test = splits.test.iloc[: config.max_eval_samples]
-    print(f"data: {config.data} -> {splits.describe()['sizes']} labels={splits.label_names}")
+    print(f"data: {config.data} -> {splits.summary()}; labels {splits.label_names}")
 
     import torch
     import transformers
@@ -146,12 +170,12 @@ def train(config: TrainConfig) -> TrainManifest:
 
     staging = Path(tempfile.mkdtemp(prefix=".train-", dir=output.parent if output.parent.exists() else None))
     try:
-        trainer = _make_trainer(config, model, tokenizer, train_ds, val_ds, staging / "checkpoints")
+        eval_steps = eval_interval(config, len(train_ds))
+        trainer = _make_trainer(config, model, tokenizer, train_ds, val_ds, staging / "checkpoints", eval_steps)
         started = time.perf_counter()
         result = trainer.train()
         train_seconds = time.perf_counter() - started
-        validation = trainer.predict(val_ds, metric_key_prefix="validation").metrics
-        test = trainer.predict(test_ds, metric_key_prefix="test").metrics
+        validation, test = (_score(trainer, ds, splits.label_names) for ds in (val_ds, test_ds))
         model = trainer.model
         if config.method == "lora":
             model = model.merge_and_unload()
@@ -170,6 +194,8 @@ def train(config: TrainConfig) -> TrainManifest:
             train_seconds,
             validation,
             test,
+            trainer.state,
+            eval_steps,
         )
         write(model_dir / TRAIN_MANIFEST, manifest)
         (model_dir / "split_groups.json").write_text(json.dumps(splits.groups, indent=1) + "\n")
@@ -179,7 +205,9 @@ def train(config: TrainConfig) -> TrainManifest:
     m = manifest.metrics
     print(
         f"test accuracy={m['test']['accuracy']:.4f} macro_f1={m['test']['macro_f1']:.4f} "
-        f"(validation {m['validation']['accuracy']:.4f}); trained in {train_seconds / 60:.1f} min -> {output}"
+        f"(validation {m['validation']['accuracy']:.4f}); F1 per class: {per_class_f1_text(m['test'])}; "
+        f"kept the model of step {manifest.train['best_step']} of {manifest.train['steps']}; "
+        f"trained in {train_seconds / 60:.1f} min -> {output}"
     )
     return manifest
 
@@ -274,7 +302,36 @@ def compute_metrics(eval_pred) -> dict:
     }
 
 
-def _make_trainer(config: TrainConfig, model, tokenizer, train_ds, val_ds, checkpoints: Path):
+def eval_interval(config: TrainConfig, train_rows: int) -> int:
+    """Steps between evaluations: ``--eval-steps``, or 100 cut down so a short run still gets patience + 2."""
+    if config.eval_steps is not None:
+        return config.eval_steps
+    steps_per_epoch = max(1, math.ceil(train_rows / config.batch_size) // config.grad_accum)
+    total = config.max_steps if config.max_steps > 0 else math.ceil(config.epochs * steps_per_epoch)
+    # On a small set 100 steps can exceed the whole run: no evaluation, inert early stopping.
+    return max(1, min(100, total // (config.patience + 2)))
+
+
+def _evaluate_last_step(eval_steps: int):
+    """A Trainer callback that also evaluates (and checkpoints) the final step, so its model can be the one kept."""
+    from transformers import TrainerCallback
+
+    class EvaluateLastStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps and state.global_step % eval_steps:
+                control.should_evaluate = control.should_save = True
+            return control
+
+    return EvaluateLastStep()
+
+
+def _score(trainer, dataset, label_names: list[str]) -> dict:
+    """Accuracy, macro-F1, per-class scores and confusion matrix of the trained model on ``dataset``."""
+    out = trainer.predict(dataset)
+    return score(out.predictions, [label_names[i] for i in out.label_ids], label_names)
+
+
+def _make_trainer(config: TrainConfig, model, tokenizer, train_ds, val_ds, checkpoints: Path, eval_steps: int):
     import torch
     from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments
 
@@ -292,18 +349,18 @@ def _make_trainer(config: TrainConfig, model, tokenizer, train_ds, val_ds, check
         lr_scheduler_type="linear",
         optim="adamw_torch",
         eval_strategy="steps",
-        eval_steps=config.eval_steps,
+        eval_steps=eval_steps,
         save_strategy="steps",
-        save_steps=config.eval_steps,
+        save_steps=eval_steps,
         save_total_limit=1,
         load_best_model_at_end=True,
         metric_for_best_model="accuracy",
         group_by_length=True,  # batches of similar length: less padding, faster on CPU
         bf16=cuda and torch.cuda.is_bf16_supported(),
         fp16=cuda and not torch.cuda.is_bf16_supported(),
-        logging_steps=max(1, config.eval_steps // 4),
+        logging_steps=max(1, eval_steps // 4),
         report_to=["tensorboard"] if config.tensorboard else [],
-        logging_dir=str(Path(config.output).parent / "runs") if config.tensorboard else None,
+        logging_dir=_tensorboard_dir(config) if config.tensorboard else None,
         seed=config.seed,
         data_seed=config.seed,
         dataloader_num_workers=0,
@@ -318,17 +375,46 @@ def _make_trainer(config: TrainConfig, model, tokenizer, train_ds, val_ds, check
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
-        callbacks=[EarlyStoppingCallback(early_stopping_patience=config.patience)],
+        callbacks=[
+            EarlyStoppingCallback(early_stopping_patience=config.patience),
+            _evaluate_last_step(eval_steps),
+        ],
     )
 
 
+def _tensorboard_dir(config: TrainConfig) -> str:
+    """One directory per run (OUTPUT/../runs/<output name>-<UTC time>), so runs never mix their curves."""
+    path = (
+        Path(config.output).parent
+        / "runs"
+        / f"{Path(config.output).name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    )
+    print(f"tensorboard: {path}")
+    return str(path)
+
+
 def _manifest(
-    config, model_path, model_type, splits: Splits, trainable, total, result, seconds, validation, test
+    config,
+    model_path,
+    model_type,
+    splits: Splits,
+    trainable,
+    total,
+    result,
+    seconds,
+    validation,
+    test,
+    state,
+    eval_steps,
 ) -> TrainManifest:
     import importlib.metadata as md
 
     versions = {pkg: md.version(pkg) for pkg in ("torch", "transformers", "peft", "datasets", "accelerate")}
-    pick = lambda metrics, prefix: {k: round(metrics[f"{prefix}_{k}"], 5) for k in ("accuracy", "macro_f1")}  # noqa: E731
+    evaluations = [
+        {"step": e["step"], "accuracy": round(e["eval_accuracy"], 5), "macro_f1": round(e["eval_macro_f1"], 5)}
+        for e in state.log_history
+        if "eval_accuracy" in e
+    ]
     return TrainManifest(
         base_model=config.model,
         base_model_path=model_path,
@@ -339,12 +425,16 @@ def _manifest(
         seed=config.seed,
         hyperparameters=asdict(config),
         parameters={"total": total, "trainable": trainable},
-        metrics={"validation": pick(validation, "validation"), "test": pick(test, "test")},
+        metrics={"validation": validation, "test": test},
         train={
             "seconds": round(seconds, 1),
             "steps": result.global_step,
             "loss": round(result.training_loss, 5),
             "threads": os.cpu_count() if config.threads is None else config.threads,
+            "eval_steps": eval_steps,
+            # The kept model: the best validation accuracy of all evaluations (the earliest on a tie).
+            "best_step": state.best_global_step,
+            "evaluations": evaluations,
         },
         versions={"python": platform.python_version(), **versions},
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -35,8 +35,8 @@ from pydantic import AfterValidator, BaseModel, Field, StringConstraints, Valida
 from serve import metrics
 from serve.auth import BearerAuth, KeyStore, RateLimiter
 from serve.classifier import OnnxClassifier
-from serve.config import ServeConfig, check_device, resolve_variant
-from serve.contract import UserError
+from serve.config import ServeConfig, check_device, gpu_of_worker, resolve_variant
+from serve.contract import MODEL_FILE, UserError
 from serve.guard import RequestGuard
 from serve.metrics import RequestMetrics
 
@@ -50,8 +50,8 @@ logging.getLogger("trimserve").setLevel(logging.INFO)  # BentoML leaves the root
 # it too, so a bento can only be built around a verified variant.
 try:
     CONFIG = ServeConfig.from_env()
-    check_device(CONFIG)
     VARIANT = resolve_variant(CONFIG)
+    check_device(CONFIG, VARIANT.directory / MODEL_FILE)
 except UserError as err:
     sys.exit(f"trimserve: {err}")
 
@@ -90,19 +90,29 @@ class Classifier:
         start = time.perf_counter()
         metrics.forget_dead_workers()  # a worker killed earlier left its live gauges behind
         metrics.READY.set(0)
+        worker = bentoml.server_context.worker_index  # 1-based; with device cuda, worker i runs on GPU i
         self.model = OnnxClassifier.load(
-            VARIANT.directory, VARIANT.record, threads=CONFIG.ort_threads, device=CONFIG.device, spin=CONFIG.spin
+            VARIANT.directory,
+            VARIANT.record,
+            threads=CONFIG.ort_threads,
+            device=CONFIG.device,
+            spin=CONFIG.spin,
+            device_id=gpu_of_worker(worker) if CONFIG.device == "cuda" else 0,
         )
         metrics.MODEL_INFO.labels(variant=VARIANT.name, sha256=VARIANT.model_sha256).set(1)
         self.ready = False
         logger.info(
-            "loaded %s (%d files sha256-verified, max_length %d) on %s with %d threads in %.2f s",
+            "loaded %s (%d files sha256-verified, max_length %d) on %s with %d threads in %.2f s; worker %s of %d, "
+            "batches of up to %d texts",
             VARIANT.name,
             VARIANT.files,
             VARIANT.record.max_length,
-            self.model.provider,
+            self.model.placement,
             CONFIG.ort_threads,
             time.perf_counter() - start,
+            worker or 1,
+            CONFIG.workers,
+            CONFIG.max_batch_size,
         )
 
     @bentoml.on_startup
@@ -110,6 +120,7 @@ class Classifier:
         # A full-length batch once, so the first real request does not pay for allocations.
         start = time.perf_counter()
         self.model.predict(["warm-up"] * (CONFIG.max_batch_size - 1) + ["warm-up " * VARIANT.record.max_length])
+        self.model.predict(["warm-up"])  # and a lone request: on a GPU the first call of a shape pays for setup
         self.ready = True
         metrics.READY.set(1)
         logger.info("warm-up done in %.2f s; ready", time.perf_counter() - start)

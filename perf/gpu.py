@@ -78,7 +78,7 @@ class GpuCheckConfig:
         default=420.0, metadata={"help": "seconds for the whole run; a phase that would not fit is skipped"}
     )
     rounds: int = field(default=3, metadata={"help": "timed blocks per engine and scenario, order rotated"})
-    single_stream_queries: int = field(default=300, metadata={"help": "timed batch-1 queries per engine, all rounds"})
+    single_stream_queries: int = field(default=600, metadata={"help": "timed batch-1 queries per engine, all rounds"})
     warmup: int = field(default=20, metadata={"help": "untimed calls before every timed block"})
     offline_batches: tuple[int, ...] = field(default=(8, 32, 128), metadata={"help": "Offline batch sizes"})
     tensorrt: bool = field(default=True, metadata={"help": "time the TensorRT provider when its libraries are here"})
@@ -269,10 +269,16 @@ def require_device(device: str) -> dict:
 
 def ort_cuda_problem() -> str | None:
     """Why ONNX Runtime's CUDA provider does not run a one-node graph here (one line), or None when it does."""
+    from serve.classifier import probe_provider
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return probe_provider(probe_model(Path(tmp) / "probe.onnx"), "CUDAExecutionProvider")
+
+
+def probe_model(path: Path) -> Path:
+    """A one-node ONNX graph (y = x + x) at ``path``: enough to see which provider a session lands on."""
     import onnx
     from onnx import TensorProto, helper
-
-    from serve.classifier import probe_provider
 
     graph = helper.make_graph(
         [helper.make_node("Add", ["x", "x"], ["y"])],
@@ -282,9 +288,8 @@ def ort_cuda_problem() -> str | None:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8  # readable by every onnxruntime this project supports
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx.save(model, f"{tmp}/probe.onnx")
-        return probe_provider(f"{tmp}/probe.onnx", "CUDAExecutionProvider")
+    onnx.save(model, str(path))
+    return path
 
 
 def _nvidia_smi(query: str) -> str | None:

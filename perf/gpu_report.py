@@ -76,11 +76,12 @@ def finish(report: dict) -> None:
     report["goals"] = goals(report)
 
 
-def _role(report: dict, role: str) -> tuple[str | None, dict]:
+def _role(report: dict, role: str) -> tuple[str, dict]:
+    """The engine playing ``role`` (its name and entry), or the role's name and {} if none ran."""
     for name, entry in report["engines"].items():
         if entry.get("role") == role and entry.get("status") == "ok":
             return name, entry
-    return None, {}
+    return role, {}
 
 
 def goals(report: dict) -> dict:

@@ -81,10 +81,11 @@ def probe_provider(model: str | Path, provider: str, timeout_s: float = 120) -> 
     used = re.findall(r"^provider=(\S+)$", proc.stdout, re.M)
     if proc.returncode == 0 and used and used[-1] == provider:
         return None
-    output = (proc.stderr + proc.stdout).splitlines()
+    # messages only: not the indented source lines a Python warning or traceback quotes
+    output = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip() and not line[0].isspace()]
     complaints = [line for line in output if re.search(r"error|fail|warn|cannot|not ", line, re.I)]
-    reason = (complaints or [line for line in output if line.strip()] or ["no output"])[-1]
-    reason = reason.split("] ")[-1].strip()[:300]  # ORT's log prefix: time, severity, source file
+    reason = (complaints or output or ["no output"])[-1]
+    reason = re.sub(r"^\S+\.py:\d+: ", "", reason.split("] ")[-1].strip())[:300]  # ORT's or Python's prefix
     return f"the session ran on {used[-1]}: {reason}" if used else f"no session ({reason})"
 
 

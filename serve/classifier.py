@@ -39,7 +39,9 @@ def providers_for(device: str = "auto", device_id: int = 0) -> list:
     available = ort.get_available_providers()
     if device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available):
         _preload_cuda_libraries()
-        return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+        # use_tf32 0: an fp32 variant promises fp32 results (export/ checks it against PyTorch within 1e-3), and
+        # ONNX Runtime's default TF32 would round every matmul input to 10 bits; onnx-fp16 is the fast GPU variant.
+        return [("CUDAExecutionProvider", {"device_id": device_id, "use_tf32": 0}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 

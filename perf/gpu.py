@@ -121,6 +121,7 @@ class GpuCheckConfig:
 
 # Seconds a phase needs at least; with less left it is skipped (and reported as such).
 NEEDS_S = {"model": 45, "export": 45, "engines": 20, "accuracy": 5, "timing": 15, "served": 40}
+TENSORRT_BUILD_S = 120  # building one TensorRT engine for a MiniLM-sized model, with room to spare (a guess)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -480,6 +481,8 @@ def _build(state: Run, plan: dict, model_dir: Path, variants: VariantsManifest):
         missing = tensorrt_missing()
         if missing:
             raise Skipped(missing)
+        if state.left_s() < TENSORRT_BUILD_S + NEEDS_S["timing"] + NEEDS_S["served"]:
+            raise Skipped(f"{state.left_s():.0f} s of the budget left: too little to build a TensorRT engine too")
     variant = plan["variant"]
     if variant not in ok:
         error = next((v.error for v in variants.variants if v.name == variant), None) or "not built"

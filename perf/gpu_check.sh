@@ -41,13 +41,13 @@
 #   Expected (estimates; nothing here has run on that machine yet): machine start 1-2 min and
 #   ~15-30 s per staging call, all device time; then unpack ~15 s, imports and CUDA probe ~15 s,
 #   tiny model 30-60 s, export 45-90 s, accuracy ~10 s, timing 60-120 s, served 60-90 s.  The
-#   check stops itself at GPU_CHECK_BUDGET_S (450 s) from its start, report written, so the last
-#   call ends in about 8 minutes at worst.
+#   check stops itself at GPU_CHECK_BUDGET_S (430 s) from its start, report written; a hang is
+#   killed 35 s later, so the last call ends within 8 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 START=$SECONDS
-BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-430}
 OUT_DIR=${OUT:-artifacts/gpu}
 WORK=${GPU_CHECK_WORK:-/tmp/trimserve-gpu}
 CARRY=.gpu-carry
@@ -134,7 +134,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATAS
 set +e
 # The check keeps its own budget and writes its report; the hard limit is only for a hang.
 timeout --kill-after=15 "$((left + 20))" "$PY" -m perf.gpu --device "$device" --output "$OUT_DIR" \
-    --work "$WORK/work" --budget-s "$((left - 5))" "${extra[@]}" "$@" 2>&1 | tee "$OUT_DIR/gpu-check.log"
+    --work "$WORK/work" --budget-s "$((left - 10))" "${extra[@]}" "$@" 2>&1 | tee "$OUT_DIR/gpu-check.log"
 status=${PIPESTATUS[0]}
 set -e
 [ "$status" -ne 124 ] && [ "$status" -ne 137 ] || echo "gpu_check: killed at the hard time limit; the report holds the phases that finished" >&2

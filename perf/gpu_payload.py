@@ -98,7 +98,7 @@ def pack(output: Path, part_mib: int, python_version: str = "3.12") -> list[Path
                     "kind": "trimserve.gpu-payload",
                     "python": python_version,
                     "platforms": PLATFORMS,
-                    "requirements": _pins(),
+                    "requirements": pins(),
                     "base_model": model,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 },
@@ -119,13 +119,14 @@ def pack(output: Path, part_mib: int, python_version: str = "3.12") -> list[Path
     return folders
 
 
-def _pins() -> list[str]:
+def pins() -> list[str]:
+    """The ``name==version`` lines of perf/gpu-requirements.txt."""
     lines = (line.split("#")[0].strip() for line in REQUIREMENTS.read_text().splitlines())
     return [line for line in lines if line]
 
 
 def _install_site(site: Path, python_version: str) -> None:
-    print(f"installing {len(_pins())} pinned packages for CPython {python_version} into the payload ...", flush=True)
+    print(f"installing {len(pins())} pinned packages for CPython {python_version} into the payload ...", flush=True)
     platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
     abi = "cp" + python_version.replace(".", "")
     command = [

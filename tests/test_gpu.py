@@ -135,7 +135,7 @@ def test_payload_requirements_are_checked_against_what_the_gpu_machine_has(tmp_p
 def test_the_payload_requirements_pin_what_the_lock_pins():
     lock = dict(line.split("==") for line in (REPO / "requirements.lock").read_text().split() if "==" in line)
     lock = {k.lower().replace("_", "-"): v for k, v in lock.items()}
-    for pin in gpu_payload._pins():
+    for pin in gpu_payload.pins():
         name, version = pin.split("==")
         if name == "onnxruntime-gpu":
             assert f'"onnxruntime-gpu[cuda,cudnn]=={version}"' in (REPO / "pyproject.toml").read_text()

@@ -31,6 +31,8 @@
 #   1. Here: `bash perf/gpu_check.sh --pack` (about 15 min on 2 cores, mostly xz) writes
 #      .gpu-carry/part-01 .. part-NN (git-ignored; 5 parts of <= 60 MiB, 254 MiB in all, when packed
 #      on 2026-11-29).  The working tree must stay under 3 MiB besides.
+#      The tool sends the checkout its session started in, not a helper's worktree: pack in that
+#      checkout, with this script in it.
 #   2. There, one call per part, back to back (each within 30 s of the previous reply; nothing in
 #      between), every call but the last only checking what arrived:
 #        run(command="bash perf/gpu_check.sh --stage", carry=[".gpu-carry/part-01"], timeout_s=60)

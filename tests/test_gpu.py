@@ -160,6 +160,21 @@ def test_fp16_weights_are_widened_before_fine_tuning(tmp_path):
     assert gpu.widened_to_fp32(widened, tmp_path / "again") == widened  # fp32 already: used as it is
 
 
+@pytest.mark.slow
+def test_fp16_recipe_builds_its_graph_without_a_gpu(served_variant, tmp_path):
+    """onnx-fp16's builder (Optimum O4) runs anywhere; only checking and timing it needs CUDA."""
+    import onnx
+
+    from export.recipes import BY_NAME
+
+    recipe = BY_NAME["onnx-fp16"]
+    built = recipe.build(None, served_variant[3], tmp_path / "fp16", **recipe.params)
+    graph = onnx.load(str(tmp_path / "fp16" / "model.onnx")).graph
+    assert built.details["fp16"] and built.details["fused_operators"]["Attention"] == 6
+    assert sum(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer) > len(graph.initializer) // 2
+    assert [o.type.tensor_type.elem_type for o in graph.output] == [onnx.TensorProto.FLOAT]  # logits stay fp32
+
+
 # --- the report's figures ---------------------------------------------------------------------------
 
 

@@ -165,9 +165,9 @@ def test_fp16_recipe_builds_its_graph_without_a_gpu(served_variant, tmp_path):
     """onnx-fp16's builder (Optimum O4) runs anywhere; only checking and timing it needs CUDA."""
     import onnx
 
-    from export.recipes import BY_NAME
+    from export.recipes import RECIPES
 
-    recipe = BY_NAME["onnx-fp16"]
+    recipe = next(r for r in RECIPES if r.name == "onnx-fp16")
     built = recipe.build(None, served_variant[3], tmp_path / "fp16", **recipe.params)
     graph = onnx.load(str(tmp_path / "fp16" / "model.onnx")).graph
     assert built.details["fp16"] and built.details["fused_operators"]["Attention"] == 6

@@ -29,7 +29,7 @@
 # machine warm 30 s after a call; that machine reaches no package registry, and onnxruntime-gpu
 # alone is 256 MB.  So:
 #   1. Here: `bash perf/gpu_check.sh --pack` (about 15 min on 2 cores, mostly xz) writes
-#      .gpu-carry/part-01 .. part-NN (git-ignored; 5 parts of <= 60 MiB, 254 MiB in all, when packed
+#      .gpu-carry/part-01 .. part-NN (git-ignored; 5 parts of <= 60 MiB, about 250 MiB in all, when packed
 #      on 2026-11-29).  The working tree must stay under 3 MiB besides.
 #      The tool sends the checkout its session started in, not a helper's worktree: pack in that
 #      checkout, with this script in it.

@@ -92,7 +92,11 @@ def optimize(ctx: Context, source: Path, target: Path, level: int, gpu: bool = F
     from optimum.onnxruntime.configuration import OptimizationConfig
 
     config = OptimizationConfig(
-        optimization_level=level, optimize_for_gpu=gpu, fp16=gpu and level >= 3, enable_gelu_approximation=False
+        # Optimum's O3/O4 are ONNX Runtime's level 2 (which takes 0, 1, 2, 99) plus GELU approximation / fp16
+        optimization_level=min(level, 2),
+        optimize_for_gpu=gpu,
+        fp16=gpu and level >= 3,
+        enable_gelu_approximation=False,
     )
     optimizer = ORTOptimizer.from_pretrained(source, file_names=[MODEL_FILE])
     optimizer.optimize(optimization_config=config, save_dir=target)

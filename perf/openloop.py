@@ -164,15 +164,17 @@ def scored_sentences(manifest: VariantsManifest, seed: int) -> list[str]:
 
 @contextlib.contextmanager
 def served(
-    env: dict, working_dir: str, cpus: tuple[int, ...] = (), ready_timeout_s: float = 180
+    env: dict, working_dir: str, cpus: tuple[int, ...] = (), ready_timeout_s: float = 180, log: Path | None = None
 ) -> Iterator[tuple[str, str, ServerProcess]]:
-    """``bentoml serve`` on a free loopback port with a fresh key; yields (url, key, server)."""
+    """``bentoml serve`` on a free loopback port with a fresh key; yields (url, key, server).
+
+    The server's output goes to ``log`` (default: a file removed with the server)."""
     with tempfile.TemporaryDirectory(prefix="loadgen-") as tmp:
         key = secrets.token_urlsafe(24)
         (Path(tmp) / "keys").write_text(key + "\n")
         with ServerProcess(
             {**env, "TRIMSERVE_API_KEYS_FILE": f"{tmp}/keys"},
-            Path(tmp) / "server.log",
+            log or Path(tmp) / "server.log",
             working_dir,
             home=f"{tmp}/home",
             cpus=cpus,

@@ -8,6 +8,10 @@ variant's record (``variant.json``) owns.
 
 from __future__ import annotations
 
+import functools
+import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,14 +32,63 @@ class Encoded:
     truncated: int  # texts cut to max_length
 
 
-def providers_for(device: str = "auto") -> list[str]:
-    """ONNX Runtime providers: CUDA when asked for or (``auto``) when this onnxruntime build has it."""
+def providers_for(device: str = "auto", device_id: int = 0) -> list:
+    """ONNX Runtime providers: CUDA (on GPU ``device_id``) when asked for or (``auto``) when this onnxruntime has it."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
     if device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available):
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        _preload_cuda_libraries()
+        # use_tf32 0: an fp32 variant promises fp32 results (export/ checks it against PyTorch within 1e-3), and
+        # ONNX Runtime's default TF32 would round every matmul input to 10 bits; onnx-fp16 is the fast GPU variant.
+        return [("CUDAExecutionProvider", {"device_id": device_id, "use_tf32": 0}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+@functools.cache
+def _preload_cuda_libraries() -> None:
+    # onnxruntime-gpu from PyPI finds CUDA and cuDNN in the nvidia-* wheels (its [cuda,cudnn] extras, or torch's)
+    # only once they are loaded; a system CUDA or LD_LIBRARY_PATH needs none of this. Missing ones are printed.
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+
+
+# Run in a child process by probe_provider: the model on one provider, and which provider ONNX Runtime used.
+_PROBE = """
+import sys
+import onnxruntime as ort
+if sys.argv[2] == "CUDAExecutionProvider" and hasattr(ort, "preload_dlls"):
+    ort.preload_dlls()
+session = ort.InferenceSession(sys.argv[1], providers=[sys.argv[2]])
+print("provider=" + session.get_providers()[0])
+"""
+
+
+def probe_provider(model: str | Path, provider: str, timeout_s: float = 120) -> str | None:
+    """Why ONNX Runtime cannot run ``model`` on ``provider`` here (one line), or None when it can.
+
+    In a child process: a CUDA session's context (hundreds of MB of GPU memory) stays for the
+    life of its process, and the server's arbiter, which checks before any worker starts,
+    should not hold one.  ONNX Runtime falls back to CPU with a logged warning when a provider
+    does not start; the reason given is its last error or warning line.
+    """
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _PROBE, str(model), provider], capture_output=True, text=True, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired:
+        return f"creating a {provider} session took over {timeout_s:.0f} s"
+    used = re.findall(r"^provider=(\S+)$", proc.stdout, re.M)
+    if proc.returncode == 0 and used and used[-1] == provider:
+        return None
+    # messages only: not the indented source lines a Python warning or traceback quotes
+    output = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip() and not line[0].isspace()]
+    complaints = [line for line in output if re.search(r"error|fail|warn|cannot|not ", line, re.I)]
+    reason = (complaints or output or ["no output"])[-1]
+    reason = re.sub(r"^\S+\.py:\d+: ", "", reason.split("] ")[-1].strip())[:300]  # ORT's or Python's prefix
+    return f"the session ran on {used[-1]}: {reason}" if used else f"no session ({reason})"
 
 
 class OnnxClassifier:
@@ -49,8 +102,10 @@ class OnnxClassifier:
         threads: ONNX Runtime intra-op threads (None: its default, one per core).
         device: ``cpu``, ``cuda`` or ``auto`` (CUDA when available).
         spin: let ONNX Runtime's threads busy-wait between calls (its default).
+        device_id: the GPU (CUDA device id) when on CUDA.
 
-    Raises UserError if the graph is not a loadable ONNX model.
+    Raises UserError if the graph is not a loadable ONNX model, or if ``device`` is ``cuda``
+    and ONNX Runtime runs it on another provider (it falls back to CPU by itself otherwise).
     """
 
     def __init__(
@@ -63,6 +118,7 @@ class OnnxClassifier:
         device: str = "auto",
         file_name: str = MODEL_FILE,
         spin: bool = True,
+        device_id: int = 0,
     ):
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -86,13 +142,28 @@ class OnnxClassifier:
             # (seen here: ~45 ms of CPU per 50 ms gap) that HTTP parsing and tokenizing need.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(str(directory / file_name), options, providers=providers_for(device))
+            self.session = ort.InferenceSession(
+                str(directory / file_name), options, providers=providers_for(device, device_id)
+            )
         except Exception as err:  # onnxruntime raises its own pybind types (InvalidProtobuf, Fail...)
             raise UserError(
                 f"{directory / file_name} is not a loadable ONNX model ({type(err).__name__}); re-export the variant"
             ) from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.provider = self.session.get_providers()[0]
+        self.device_id = device_id if self.provider == "CUDAExecutionProvider" else None
+        if device == "cuda":
+            if self.provider != "CUDAExecutionProvider":
+                raise UserError(
+                    f"device cuda was asked for, but ONNX Runtime runs {directory / file_name} on {self.provider}: "
+                    "its CUDA provider did not start (its error is logged above)"
+                )
+            self.session.disable_fallback()  # a CUDA failure at run time raises instead of moving to CPU
+
+    @property
+    def placement(self) -> str:
+        """Where the model runs, for logs: ``CUDAExecutionProvider (GPU 0)`` or ``CPUExecutionProvider``."""
+        return self.provider if self.device_id is None else f"{self.provider} (GPU {self.device_id})"
 
     @classmethod
     def load(cls, directory: str | Path, record: VariantRecord | None = None, **options) -> OnnxClassifier:

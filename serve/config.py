@@ -9,6 +9,7 @@ variant to serve and checks every file's sha256 against what export/ recorded.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -21,6 +22,9 @@ from typing import Literal
 from serve.contract import MODEL_FILE, VARIANT_RECORD, Selection, UserError, VariantRecord, VariantsManifest, read
 
 PREFIX = "TRIMSERVE_"
+CPU_BATCH = 32  # texts per model call on CPU: past this the cores are busy and latency only grows
+GPU_BATCH = 128  # a GPU is only busy with large batches; perf/gpu_check.sh times 8, 32 and 128
+CPU_CONCURRENCY = 32
 
 
 @dataclass(frozen=True)
@@ -52,13 +56,18 @@ class ServeConfig:
     )
     device: Literal["auto", "cpu", "cuda"] = field(
         default="auto",
-        metadata={"help": "auto: CUDA when onnxruntime-gpu sees a GPU, else CPU; cuda: fail unless CUDA is there"},
-    )
-    max_batch_size: int = field(
-        default=32,
         metadata={
-            "help": "texts per model call; bigger batches pay off until the cores are busy (MiniLM fp32, 2 cores: "
-            "17 ms/text alone, 7 ms/text in batches of 32)"
+            "help": "auto: CUDA when onnxruntime-gpu sees a GPU, else CPU; cuda: refuse to start unless ONNX "
+            "Runtime's CUDA provider runs the model here, and take the GPU defaults of workers, max_batch_size "
+            "and max_concurrency"
+        },
+    )
+    max_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": f"texts per model call (default {CPU_BATCH}; {GPU_BATCH} with device cuda); bigger batches pay "
+            "off until the cores are busy (MiniLM fp32, 2 cores: 17 ms/text alone, 7 ms/text in batches of 32), "
+            "and a GPU's only at much larger ones"
         },
     )
     max_batch_tokens: int = field(
@@ -115,11 +124,13 @@ class ServeConfig:
             "help": "a longer text gives 400; shorter texts over the model's token limit are truncated and counted"
         },
     )
-    max_concurrency: int = field(
-        default=32,
+    max_concurrency: int | None = field(
+        default=None,
         metadata={
-            "help": "requests being classified at once over all workers; one more gets 503 with Retry-After at once "
-            "instead of queueing (one replica here: ~75 requests/s, so 32 waiting is ~0.4 s of work)"
+            "help": f"requests being classified at once over all workers; one more gets 503 with Retry-After at once "
+            f"instead of queueing (default {CPU_CONCURRENCY}: one CPU replica here does ~75 requests/s, so 32 "
+            "waiting is ~0.4 s of work; with device cuda, two full batches per worker, or batches of one-text "
+            "requests could never fill up)"
         },
     )
     max_lag_ms: float = field(
@@ -143,7 +154,13 @@ class ServeConfig:
             "help": "a request body not complete after this gets 408 (below timeout_s, whose 504 would come first)"
         },
     )
-    workers: int = field(default=1, metadata={"help": "worker processes, each with its own model copy"})
+    workers: int | None = field(
+        default=None,
+        metadata={
+            "help": "worker processes, each with its own model copy (default 1; with device cuda, one per visible "
+            "GPU, worker i on GPU i)"
+        },
+    )
     api_keys: tuple[str, ...] = field(
         default=(),
         repr=False,
@@ -176,6 +193,9 @@ class ServeConfig:
     rate_limit_burst: int = field(default=20, metadata={"help": "requests a key may send at once above its rate"})
 
     def __post_init__(self) -> None:
+        for name, value in self._device_defaults().items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)  # frozen: defaults are filled in once, here
         for name, low in [
             ("max_batch_size", 2),
             ("max_latency_ms", 1),
@@ -208,6 +228,14 @@ class ServeConfig:
                 f"no API keys: set {env_name('api_keys_file')} (one key per line) or {env_name('api_keys')}, "
                 f"or {env_name('allow_no_auth')}=1 to serve without auth behind an authenticating gateway"
             )
+
+    def _device_defaults(self) -> dict[str, int]:
+        """workers, max_batch_size and max_concurrency when not set: CPU defaults, or the GPU's with device cuda."""
+        if self.device != "cuda":
+            return {"workers": 1, "max_batch_size": CPU_BATCH, "max_concurrency": CPU_CONCURRENCY}
+        workers = self.workers or max(1, visible_gpus())
+        batch = self.max_batch_size or GPU_BATCH
+        return {"workers": workers, "max_batch_size": batch, "max_concurrency": 2 * batch * workers}
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServeConfig:
@@ -324,15 +352,53 @@ class Variant:
     files: int
 
 
-def check_device(config: ServeConfig) -> None:
-    """TRIMSERVE_DEVICE=cuda needs onnxruntime-gpu with CUDA: say so before any worker starts."""
+def check_device(config: ServeConfig, model: Path) -> None:
+    """TRIMSERVE_DEVICE=cuda needs ONNX Runtime's CUDA provider to run ``model`` here: say so before any worker starts.
+
+    ONNX Runtime itself would fall back to CPU with a logged warning; the service refuses instead.
+    """
+    if config.device != "cuda":
+        return
     import onnxruntime
 
-    if config.device == "cuda" and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+    from serve.classifier import probe_provider
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         raise UserError(
             f"{env_name('device')}=cuda but this onnxruntime has no CUDAExecutionProvider; "
             "install onnxruntime-gpu (pip install .[gpu]) on a machine with CUDA"
         )
+    problem = probe_provider(model, "CUDAExecutionProvider")
+    if problem:
+        raise UserError(
+            f"{env_name('device')}=cuda but ONNX Runtime's CUDA provider does not run the model here ({problem}); "
+            "check the GPU (nvidia-smi) and the CUDA 13 / cuDNN 9 libraries onnxruntime-gpu needs"
+        )
+
+
+def visible_gpus() -> int:
+    """GPUs this process may use: those CUDA_VISIBLE_DEVICES names, else all the driver reports (0 without one)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [d.strip() for d in visible.split(",")]
+        return len(list(itertools.takewhile(lambda d: d not in ("", "-1"), ids)))  # CUDA stops at the first bad id
+    try:
+        import pynvml  # nvidia-ml-py, a BentoML dependency; it talks to the driver without a CUDA context
+    except ImportError:
+        return 0
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return 0
+    try:
+        return int(pynvml.nvmlDeviceGetCount())
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def gpu_of_worker(worker_index: int | None) -> int:
+    """The GPU (CUDA device id) of BentoML worker ``worker_index`` (1-based; None outside a server): one per GPU."""
+    return (worker_index - 1) % max(1, visible_gpus()) if worker_index else 0
 
 
 def resolve_variant(config: ServeConfig) -> Variant:

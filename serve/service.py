@@ -39,8 +39,8 @@ from serve import metrics
 from serve.auth import KeyStore, RateLimiter
 from serve.batching import Batcher, Engine
 from serve.classifier import OnnxClassifier
-from serve.config import ServeConfig, available_cores, check_device, resolve_variant
-from serve.contract import UserError
+from serve.config import ServeConfig, available_cores, check_device, gpu_of_worker, resolve_variant
+from serve.contract import MODEL_FILE, UserError
 from serve.gate import Gate
 from serve.schema import Limits
 
@@ -55,8 +55,8 @@ logging.getLogger("trimserve").setLevel(logging.INFO)  # BentoML leaves the root
 # it too, so a bento can only be built around a verified variant.
 try:
     CONFIG = ServeConfig.from_env()
-    check_device(CONFIG)
     VARIANT = resolve_variant(CONFIG)
+    check_device(CONFIG, VARIANT.directory / MODEL_FILE)
 except UserError as err:  # one line and exit status 2, as every stage's CLI answers bad input
     print(f"trimserve: {err}", file=sys.stderr)
     sys.exit(2)
@@ -113,8 +113,14 @@ class Classifier:
         metrics.forget_dead_workers()  # a worker killed earlier left its live gauges behind
         metrics.READY.set(0)
         cores, source = available_cores()
+        worker = bentoml.server_context.worker_index  # 1-based; with device cuda, worker i runs on GPU i
         self.model = OnnxClassifier.load(
-            VARIANT.directory, VARIANT.record, threads=CONFIG.ort_threads, device=CONFIG.device, spin=CONFIG.spin
+            VARIANT.directory,
+            VARIANT.record,
+            threads=CONFIG.ort_threads,
+            device=CONFIG.device,
+            spin=CONFIG.spin,
+            device_id=gpu_of_worker(worker) if CONFIG.device == "cuda" else 0,
         )
         ENGINE.classifier = self.model
         ENGINE.batcher = Batcher(
@@ -129,16 +135,19 @@ class Classifier:
         metrics.THREADS.labels(source="cores").set(cores)
         logger.info(
             "loaded %s (%d files sha256-verified, max_length %d) on %s with %d ONNX Runtime threads "
-            "(%d cores from %s, %d workers) in %.2f s",
+            "(%d cores from %s) in %.2f s; worker %s of %d, batches of up to %d texts",
             VARIANT.name,
             VARIANT.files,
             VARIANT.record.max_length,
-            self.model.provider,
+            self.model.placement,
             CONFIG.ort_threads,
             cores,
             source,
             CONFIG.workers,
             time.perf_counter() - start,
+            worker or 1,
+            CONFIG.workers,
+            CONFIG.max_batch_size,
         )
 
     @bentoml.on_startup
@@ -146,6 +155,8 @@ class Classifier:
         # A full-length batch once, so the first real request does not pay for allocations.
         start = time.perf_counter()
         self.model.predict(["warm-up"] * (CONFIG.max_batch_size - 1) + ["warm-up " * VARIANT.record.max_length])
+        # and a lone request: on a GPU the first call of a shape pays for setup
+        self.model.predict(["warm-up"])
         ENGINE.ready = True
         metrics.READY.set(1)
         logger.info(

@@ -24,7 +24,7 @@ from starlette.routing import Route
 from serve.auth import KeyStore, RateLimiter, digest, parse_keys
 from serve.batching import Batcher, Engine
 from serve.classifier import OnnxClassifier
-from serve.config import ServeConfig, resolve_variant
+from serve.config import ServeConfig, check_device, gpu_of_worker, resolve_variant, visible_gpus
 from serve.contract import Selection, UserError, sha256_file, write
 from serve.gate import Gate
 from serve.schema import Limits
@@ -120,6 +120,34 @@ def test_config_error_never_echoes_a_key():
     with pytest.raises(UserError) as err:
         ServeConfig.from_env({"TRIMSERVE_API_KEYS": "sekrit", "TRIMSERVE_API_KEYS_FILE": "/k"})
     assert "sekrit" not in str(err.value)
+
+
+def test_cuda_takes_the_gpu_defaults_unless_set(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    cpu = ServeConfig.from_env(OPEN)
+    assert (cpu.workers, cpu.max_batch_size, cpu.max_concurrency) == (1, 32, 32)
+    gpu = ServeConfig.from_env({**OPEN, "TRIMSERVE_DEVICE": "cuda"})
+    assert (gpu.workers, gpu.max_batch_size, gpu.max_concurrency) == (2, 128, 512)  # one worker per GPU
+    one = ServeConfig.from_env({**OPEN, "TRIMSERVE_DEVICE": "cuda", "TRIMSERVE_WORKERS": "1"})
+    assert (one.workers, one.max_batch_size, one.max_concurrency) == (1, 128, 256)
+    set_ = ServeConfig.from_env({**OPEN, "TRIMSERVE_DEVICE": "cuda", "TRIMSERVE_MAX_CONCURRENCY": "8"})
+    assert (set_.workers, set_.max_concurrency) == (2, 8)
+    assert [gpu_of_worker(i) for i in (None, 1, 2, 3)] == [0, 0, 1, 0]
+
+
+@pytest.mark.parametrize("visible, gpus", [("0,1,2", 3), ("1", 1), ("", 0), ("0,-1,2", 1), ("-1", 0)])
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch, visible, gpus):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert visible_gpus() == gpus
+
+
+def test_device_cuda_refuses_a_cpu_only_onnxruntime(served_variant):
+    directory = served_variant[3]
+    with pytest.raises(UserError, match=r"^TRIMSERVE_DEVICE=cuda but this onnxruntime has no CUDAExecutionProvider"):
+        check_device(ServeConfig(device="cuda", allow_no_auth=True), directory / "model.onnx")
+    check_device(ServeConfig(device="cpu", allow_no_auth=True), directory / "model.onnx")  # nothing to check
+    with pytest.raises(UserError, match=r"^device cuda was asked for, but ONNX Runtime runs .* on CPUExecution"):
+        OnnxClassifier.load(directory, served_variant[2], device="cuda")
 
 
 def _select(path: Path, manifest_file: Path, variant: str = VARIANT) -> Path:

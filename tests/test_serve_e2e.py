@@ -271,6 +271,29 @@ def test_damaged_model_file_refuses_to_start(tiny_fp32, served_variant, tmp_path
     assert KEY not in output
 
 
+def test_device_cuda_without_cuda_refuses_to_start_in_one_line(tiny_fp32, served_variant, tmp_path):
+    server = _start(
+        {
+            "TRIMSERVE_VARIANT_DIR": str(served_variant[3]),
+            "TRIMSERVE_MANIFEST": str(tiny_fp32 / "manifest.json"),
+            "TRIMSERVE_API_KEYS": KEY,
+            "TRIMSERVE_DEVICE": "cuda",
+        },
+        tmp_path,
+        "cuda",
+    )
+    try:
+        assert server.process.wait(60) != 0
+    finally:
+        server.stop()
+    refusals = [line for line in server.log.read_text().splitlines() if line.startswith("trimserve:")]
+    assert refusals == [
+        "trimserve: TRIMSERVE_DEVICE=cuda but this onnxruntime has no CUDAExecutionProvider; "
+        "install onnxruntime-gpu (pip install .[gpu]) on a machine with CUDA"
+    ]
+    assert "Traceback" not in server.log.read_text()
+
+
 # --- lifecycle: a server of its own, since these tests kill it -------------------------------
 
 HEAVY = {"texts": [f"{FRESH[0]} " * 6] * 32}  # 32 texts of ~64 tokens: a full model batch per request

@@ -143,7 +143,6 @@ class Classifier:
             CONFIG.ort_threads,
             cores,
             source,
-            CONFIG.workers,
             time.perf_counter() - start,
             worker or 1,
             CONFIG.workers,

@@ -1,10 +1,10 @@
 """Continuous batching: whatever is queued when the model becomes free runs together.
 
-One model thread per worker takes the jobs queued since its last call, up to
-``max_batch_size`` texts and ``max_batch_tokens`` padded tokens, sorts their texts by length
-(so a long text does not pad many short ones), runs them in as few model calls as those
-limits allow, and hands each job its probabilities back on the event loop: one thread hop
-per model call each way, none per text.  At low load a job runs at once (no waiting to fill
+One model thread per worker takes the jobs queued since its last call, sorts their texts by
+length and runs them in model calls of similar lengths: up to ``max_batch_size`` texts,
+``max_batch_tokens`` padded tokens and ``max_padding`` padding (so a long text never pads many
+short ones: padding costs like real tokens).  It hands each job its probabilities back on the
+event loop: one thread hop per round each way, none per text.  At low load a job runs at once (no waiting to fill
 a batch); under load the queue that forms while the model is busy is the batch.
 
 Why not BentoML's adaptive batching: measured here (README, Operations), its dispatcher
@@ -70,13 +70,24 @@ class Batcher:
         max_batch_tokens: padded tokens per model call at most (texts x longest text).
         max_queue_s: a job queued longer than this when its turn comes gets ``Overdue``.
         merge: False runs one request per model call (no batching across requests).
+        max_padding: a model call's padding tokens at most this share of its real tokens.  Padding
+            costs like real tokens: measured on pruned-int8 (one ONNX Runtime thread, test sentences
+            of 28 tokens on average), batches in arrival order pad by 1.4-1.9x and run 30-85 % slower
+            per sentence than one at a time, length-sorted ones 5-7 % faster.
     """
 
     def __init__(
-        self, model: OnnxClassifier, max_batch_size: int, max_batch_tokens: int, max_queue_s: float, merge: bool = True
+        self,
+        model: OnnxClassifier,
+        max_batch_size: int,
+        max_batch_tokens: int,
+        max_queue_s: float,
+        merge: bool = True,
+        max_padding: float = 0.1,
     ):
         self.model = model
         self.merge = merge
+        self.max_padding = max_padding
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_queue_s = max_queue_s
@@ -143,13 +154,13 @@ class Batcher:
         probs = [np.empty((job.texts, len(self.model.labels)), dtype=np.float32) for job in jobs]
         start = 0
         while start < len(flat):
-            end = start + 1
-            while (
-                end < len(flat)
-                and end - start < self.max_batch_size
-                and (end - start + 1) * len(flat[end][2].ids) <= self.max_batch_tokens
-            ):
-                end += 1
+            end, real = start + 1, len(flat[start][2].ids)
+            while end < len(flat) and end - start < self.max_batch_size:
+                longest = len(flat[end][2].ids)  # sorted: the newcomer is the longest, the one all pad to
+                padded = (end - start + 1) * longest
+                if padded > self.max_batch_tokens or padded > (1 + self.max_padding) * (real + longest):
+                    break
+                end, real = end + 1, real + longest
             chunk = flat[start:end]
             began = time.perf_counter()
             encoded = self.model.pad([e for _, _, e in chunk])

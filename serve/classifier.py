@@ -74,7 +74,10 @@ class OnnxClassifier:
         # skips the Python wrapper's per-call overhead, which matters at batch 1.
         self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
         self.tokenizer.enable_truncation(self.max_length)
-        self.tokenizer.enable_padding(pad_id=pad_token_id)
+        # the family's own pad token: RoBERTa-style models number positions after it
+        self.tokenizer.enable_padding(
+            pad_id=pad_token_id, pad_token=self.tokenizer.id_to_token(pad_token_id) or "[PAD]"
+        )
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

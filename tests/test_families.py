@@ -1,6 +1,7 @@
 """Every encoder family through train -> export -> perf -> serve, on tiny random models (tests/tiny_families.py).
 
-For each family: a tiny model fine-tuned a few steps in full and with LoRA, every export recipe
+For each family other than BERT (which the other tests run through every stage as the real
+all-MiniLM-L6-v2): a tiny model fine-tuned a few steps in full and with LoRA, every export recipe
 built from the full one and checked against its PyTorch model, perf with a handful of
 iterations, and predictions through the served classifier; RoBERTa also through a real
 `bentoml serve`.  The matrix is marked ``families`` (part of `make test`).  Torch runs on one
@@ -30,7 +31,8 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.families
 
-FAMILIES = list(tiny_families.SPECS)
+# BERT itself goes through every stage in the other tests, as the real all-MiniLM-L6-v2 (conftest.py)
+FAMILIES = [name for name in tiny_families.SPECS if name != "bert"]
 RECIPES = [
     "onnx-fp32",
     "onnx-opt",
@@ -97,9 +99,9 @@ class Runs:
         from train.train import TrainConfig, train
 
         base = tiny_families.build(name, root / "base", self.sentences)
-        train(TrainConfig(model=str(base), output=str(root / "full"), max_steps=12, eval_steps=12, **TRAIN))
+        train(TrainConfig(model=str(base), output=str(root / "full"), max_steps=8, eval_steps=8, **TRAIN))
         train(
-            TrainConfig(model=str(base), output=str(root / "lora"), method="lora", max_steps=4, eval_steps=4, **TRAIN)
+            TrainConfig(model=str(base), output=str(root / "lora"), method="lora", max_steps=2, eval_steps=2, **TRAIN)
         )
         manifest = export(
             ExportConfig(
@@ -171,7 +173,7 @@ def test_full_and_lora_training_reload_with_their_recorded_accuracy(family_run):
 
     full, lora = read(family_run.model, TrainManifest), read(family_run.lora, TrainManifest)
     assert full.model_type == lora.model_type == family_run.name
-    assert lora.parameters["trainable"] < 0.5 * lora.parameters["total"] and lora.train["steps"] == 4
+    assert lora.parameters["trainable"] < 0.5 * lora.parameters["total"] and lora.train["steps"] == 2
     with safe_open(family_run.lora / "model.safetensors", "pt") as fh:
         assert not [k for k in fh.keys() if "lora" in k]
     for manifest, directory in ((lora, family_run.lora), (full, family_run.model)):
@@ -243,12 +245,13 @@ def test_pruning_removes_real_structure_in_every_family(family_run):
     deep = manifest.load(manifest.entry("pruned-l3-fp32")).pruning
     assert len(deep["kept_layers"]) == len(deep["heads_per_layer"]) == 3
     assert deep["flops_reduction"] > report["flops_reduction"]
-    # any fused Attention node carries its layer's real head count
+    # any fused Attention node carries a real head count (ORT may leave a layer unfused)
     fused = manifest.load(manifest.entry("pruned-int8")).recipe["optimized_first"]
     assert fused.get("attention_fusion_disabled") is None
-    assert fused["attention_heads"] in ([], report["heads_per_layer"])
+    assert set(fused["attention_heads"]) <= set(report["heads_per_layer"])
+    assert len(fused["attention_heads"]) <= tiny_families.LAYERS
     opt = manifest.load(manifest.entry("onnx-opt")).recipe
-    assert opt["attention_heads"] in ([], [dims["heads"]] * tiny_families.LAYERS)
+    assert set(opt["attention_heads"]) <= {dims["heads"]}
 
 
 def test_perf_measures_every_variant_and_serves_predictions(family_run):
@@ -341,9 +344,9 @@ def test_a_fused_attention_node_never_keeps_a_wrong_head_count(runs, tmp_path):
 
     from export.recipes import optimize
 
-    bert = runs.get("bert")
+    roberta = runs.get("roberta")
     source = tmp_path / "source"
-    shutil.copytree(bert.variants.directory(bert.variants.entry("pruned-fp32")), source)
+    shutil.copytree(roberta.variants.directory(roberta.variants.entry("pruned-fp32")), source)
     model = onnx.load(str(source / "model.onnx"))
     constants = {o: n for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     for node in model.graph.node:  # [batch, -1, heads, size] -> [batch, 0 (copy), -1 (inferred), size]
@@ -354,12 +357,11 @@ def test_a_fused_attention_node_never_keeps_a_wrong_head_count(runs, tmp_path):
                 )
     onnx.save(model, str(source / "model.onnx"))
     target = tmp_path / "opt"
-    built = optimize(SimpleNamespace(family=families.family("bert")), source, target, level=2)
+    built = optimize(SimpleNamespace(family=families.family("roberta")), source, target, level=2)
     assert "declares 4 heads, its weights hold" in built.details["attention_fusion_disabled"]
     graph = onnx.load(str(target / "model.onnx")).graph
     assert not [n for n in graph.node if n.op_type == "Attention"]
-    feeds = {"input_ids": np.array([[2, 40, 50, 60, 3]]), "attention_mask": np.ones((1, 5), dtype=np.int64)}
-    feeds["token_type_ids"] = np.zeros((1, 5), dtype=np.int64)
+    feeds = {"input_ids": np.array([[0, 40, 50, 60, 2]]), "attention_mask": np.ones((1, 5), dtype=np.int64)}
     expected = ort.InferenceSession(str(source / "model.onnx")).run(None, feeds)[0]
     got = ort.InferenceSession(str(target / "model.onnx")).run(None, feeds)[0]
     assert np.abs(expected - got).max() < 1e-4

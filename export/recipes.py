@@ -153,29 +153,45 @@ def _head_size(model_dir: Path) -> int:
 
 
 def _fused_attention_heads(path: Path, head_size: int) -> tuple[list[int], str | None]:
-    """Each fused Attention node's head count, and what is wrong if one differs from its weights.
+    """Each fused attention node's head count, and what is wrong if one differs from its weights.
 
-    The real count is the query part of the node's packed q/k/v weight [hidden, q + k + v]
-    divided by the head size; ORT's fusion reads its ``num_heads`` from the graph's reshape
-    constants and falls back to the config's (unpruned) count when it finds none.
+    The real count of an Attention node is the query part of its packed q/k/v weight
+    [hidden, q + k + v] divided by the head size; of a MultiHeadAttention node, the width of
+    the projection that makes its query.  ORT's fusion reads ``num_heads`` from the graph's
+    reshape constants and falls back to the config's (unpruned) count when it finds none; a
+    node whose real count cannot be read counts as wrong too.
     """
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
     shapes = {i.name: tuple(i.dims) for i in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def projection_width(tensor: str) -> int | None:  # MatMul(x, W) or Add(MatMul(x, W), b)
+        node = producer.get(tensor)
+        if node is not None and node.op_type == "Add":
+            node = next((producer[i] for i in node.input if i in producer and producer[i].op_type == "MatMul"), None)
+        if node is not None and node.op_type == "MatMul" and node.input[1] in shapes:
+            return shapes[node.input[1]][-1]
+        return None
+
     heads, wrong = [], []
     for node in graph.node:
-        if node.op_type != "Attention":
+        if node.op_type not in ("Attention", "MultiHeadAttention"):
             continue
         attrs = {a.name: a for a in node.attribute}
         declared = attrs["num_heads"].i
-        widths = list(attrs["qkv_hidden_sizes"].ints) if "qkv_hidden_sizes" in attrs else None
-        if widths is None and node.input[1] in shapes:
-            widths = [shapes[node.input[1]][1] // 3] * 3
-        real = widths[0] // head_size if widths else None
+        if node.op_type == "MultiHeadAttention":
+            width = projection_width(node.input[0])
+        elif "qkv_hidden_sizes" in attrs:
+            width = attrs["qkv_hidden_sizes"].ints[0]
+        else:
+            width = shapes[node.input[1]][-1] // 3 if node.input[1] in shapes else None
         heads.append(declared)
-        if real is not None and real != declared:
-            wrong.append(f"{node.name} declares {declared} heads, its weights hold {real}")
+        if width is None:
+            wrong.append(f"{node.name}: its real head count cannot be read from the graph")
+        elif width // head_size != declared:
+            wrong.append(f"{node.name} declares {declared} heads, its weights hold {width // head_size}")
     return heads, "; ".join(wrong) or None
 
 

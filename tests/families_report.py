@@ -20,6 +20,8 @@ from pathlib import Path
 from serve.contract import TrainManifest, VariantsManifest, read
 from tests import tiny_families
 
+# From random weights ALBERT's one shared layer needs more steps to beat the majority class.
+MIN_STEPS = {"albert": 800}
 RECIPES = (
     "onnx-fp32",
     "onnx-opt",
@@ -96,18 +98,21 @@ def tables(results: list[dict]) -> str:
         lines.append(f"| {r['family']} | " + " | ".join(cells) + " |")
     lines += [""] + [f"{key} {error}" for error, key in notes.items()] + [""]
     lines += [
-        "| family | test acc (PyTorch) | onnx-fp32 max \\|dlogit\\| | onnx-fp32 agreement | int8-dynamic agreement "
-        "| pruned-fp32 MACs | pruned-l3-fp32 MACs | pruned-fp32 heads per layer |",
-        "|---|---|---|---|---|---|---|---|",
+        "| family | PyTorch test acc | onnx-fp32 max \\|dlogit\\| | onnx-fp32 agreement "
+        "| int8-dynamic max \\|dlogit\\| | int8-dynamic agreement | lowest agreement, any variant "
+        "| pruned-fp32 MACs/token | pruned-l3-fp32 MACs/token | pruned-fp32 heads per layer |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         rec = r["records"]
         fp32, int8 = rec["onnx-fp32"]["check"], rec["int8-dynamic"]["check"]
         pruned, deep = rec["pruned-fp32"]["pruning"], rec["pruned-l3-fp32"]["pruning"]
+        lowest = min(v["check"]["label_agreement"] for v in rec.values())
         lines.append(
             f"| {r['family']} | {r['train']['accuracy']:.4f} | {fp32['max_abs_logit_diff']:.1e} | "
-            f"{fp32['label_agreement']:.4f} | {int8['label_agreement']:.4f} | "
-            f"-{pruned['flops_reduction']:.1%} | -{deep['flops_reduction']:.1%} | {pruned['heads_per_layer']} |"
+            f"{fp32['label_agreement']:.4f} | {int8['max_abs_logit_diff']:.3f} | {int8['label_agreement']:.4f} | "
+            f"{lowest:.4f} | -{pruned['flops_reduction']:.1%} | -{deep['flops_reduction']:.1%} | "
+            f"{pruned['heads_per_layer']} |"
         )
     return "\n".join(lines)
 
@@ -115,14 +120,18 @@ def tables(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("families", nargs="*", default=list(tiny_families.SPECS))
-    parser.add_argument("--steps", type=int, default=400, help="fine-tuning steps of 32 sentences")
+    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps of 32 sentences")
     parser.add_argument("--out", default=None, help="working directory (default: a new temporary one)")
+    parser.add_argument("--results", default=None, help="only print the tables of an earlier run's results.json")
     args = parser.parse_args()
+    if args.results:
+        print(tables(json.loads(Path(args.results).read_text())))
+        return
     root = Path(args.out or tempfile.mkdtemp(prefix="families-report-"))
     sentences = tiny_families.training_sentences()
     results = []
     for name in args.families:
-        results.append(measure(name, root / name, args.steps, sentences))
+        results.append(measure(name, root / name, max(args.steps, MIN_STEPS.get(name, 0)), sentences))
         (root / "results.json").write_text(json.dumps(results, indent=1) + "\n")
         print(f"{name}: {results[-1]['seconds']} s", flush=True)
     print(tables(results))

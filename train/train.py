@@ -221,6 +221,12 @@ def _check_family(model_path: str, max_length: int) -> families.Family:
     """
     from transformers import AutoConfig
 
+    local = Path(model_path) / "config.json"
+    if local.is_file():  # an architecture transformers does not even know gets the same one line
+        try:
+            families.of_config(json.loads(local.read_text()), f"model {model_path}")
+        except json.JSONDecodeError as err:
+            raise UserError(f"{local} is not valid JSON ({err.msg} at line {err.lineno})") from None
     try:
         config = AutoConfig.from_pretrained(model_path).to_dict()
     except (OSError, ValueError) as err:
@@ -246,10 +252,15 @@ def _load_model(model_path: str, label_names: list[str]):
         model = AutoModelForSequenceClassification.from_pretrained(
             model_path, num_labels=len(label_names), id2label=id2label, label2id=label2id
         )
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, ImportError) as err:  # ImportError: a slow tokenizer needs sentencepiece
         raise UserError(f"cannot load model {model_path!r}: {str(err).splitlines()[0]}") from None
     finally:
         hf_logging.set_verbosity_warning()
+    if not tokenizer.is_fast:  # serving reads tokenizer.json, which only a fast tokenizer writes
+        raise UserError(
+            f"model {model_path!r} has no fast tokenizer (tokenizer.json); convert it once with "
+            "AutoTokenizer.from_pretrained(...).save_pretrained(...) where sentencepiece is installed"
+        )
     return tokenizer, model
 
 

@@ -116,9 +116,9 @@ lint: $(INSTALLED)
 test: lint
 	$(BIN)/python -m pytest
 
-# The fast tier: no full export matrix, no real server.
+# The fast tier: no full export matrix, no family matrix, no real server.
 test-fast: lint
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow and not families"
 
 clean:
 	rm -rf $(ART)

@@ -16,7 +16,9 @@ Every variant is compared with the PyTorch model it came from on the validation 
 (label agreement, max |logit difference|, a tolerance per kind, export/evaluate.py) and
 scored on validation and test.  Its record (``variant.json``) travels with it; the
 manifest lists every variant with its status and file hashes.  A variant that fails its
-check is marked failed; perf/ and serve/ only ever use variants whose status is "ok".
+check is marked failed, one whose recipe does not apply to the model's encoder family
+(serve/families.py) skipped, each with the reason; perf/ and serve/ only ever use variants
+whose status is "ok".
 
     python -m export --help
 """
@@ -34,7 +36,8 @@ from typing import Literal
 
 from export import machine
 from export.evaluate import TOLERANCES, Reference, numeric_check, score, torch_reference
-from export.recipes import RECIPES, Built, Context, Recipe
+from export.recipes import RECIPES, Built, Context, NotApplicable, Recipe
+from serve import families
 from serve.classifier import OnnxClassifier, batched_logits
 from serve.contract import (
     TRAIN_MANIFEST,
@@ -54,14 +57,13 @@ from train.data import DataSpec, Splits, check_rebuilt, load_splits, spec_from_d
 from train.scoring import per_class_f1_text
 
 BY_NAME = {r.name: r for r in RECIPES}
-SUPPORTED_MODEL_TYPES = ("bert",)
 
 
 @dataclass(frozen=True)
 class ExportConfig:
     model: str = field(
         default="artifacts/model",
-        metadata={"help": "fine-tuned model directory (train/ output or any BERT sequence-classification checkpoint)"},
+        metadata={"help": "fine-tuned model directory (train/ output or a sequence-classification checkpoint)"},
     )
     output: str = field(default="artifacts/variants", metadata={"help": "directory for the variants and manifest.json"})
     overwrite: bool = field(default=False, metadata={"help": "replace existing variants in --output"})
@@ -146,6 +148,7 @@ def export(config: ExportConfig) -> VariantsManifest:
     """
     model_dir = Path(config.model)
     model_config, train_manifest = _check_model_dir(model_dir)
+    family = families.family(model_config["model_type"])
     out = Path(config.output).resolve()
     _check_output(out, config.overwrite)
     host = machine.describe()
@@ -154,16 +157,19 @@ def export(config: ExportConfig) -> VariantsManifest:
     recipes = _select_recipes(config.recipes, cuda)
     splits = _load_data(config, train_manifest)
     splits.label_names = _model_labels(model_config, splits.label_names)
-    max_length = train_manifest.max_length if train_manifest else 128
+    # without a training manifest: 128 tokens, or fewer if the model has fewer positions
+    max_length = train_manifest.max_length if train_manifest else min(128, family.position_limit(model_config) or 128)
     print(f"export: {model_dir} -> {out}; recipes: {', '.join(r.name for r in recipes)}; int8 ISA: {isa}")
 
     started = time.perf_counter()
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
-    ctx = Context(config, model_dir, staging, splits, max_length, isa, cuda)
+    ctx = Context(config, model_dir, staging, splits, max_length, isa, cuda, family)
     try:
         tokenizer, model = _load_torch(model_dir)
         build = Build(
-            ctx, torch_reference(model, tokenizer, splits, max_length, config.batch_size), tokenizer.pad_token_id or 0
+            ctx,
+            torch_reference(model, tokenizer, splits, max_length, config.batch_size),
+            _pad_id(tokenizer, model.config.pad_token_id, family),
         )
         for recipe in recipes:
             build.run(recipe)
@@ -210,11 +216,20 @@ class Build:
         self.entries[recipe.name] = entry
         print(f"[{recipe.name}] {recipe.description}", flush=True)
         if recipe.source and self.entries[recipe.source].status != "ok":
-            entry.error = f"source variant {recipe.source} failed"
+            source = self.entries[recipe.source]
+            entry.status = "skipped" if source.status == "skipped" else "failed"
+            entry.error = f"source variant {recipe.source} {source.status}" + (
+                f": {source.error}" if source.status == "skipped" else ""
+            )
             return
         started = time.perf_counter()
         try:
             built = recipe.build(ctx, ctx.staging / recipe.source if recipe.source else None, target, **recipe.params)
+        except NotApplicable as why:  # recorded, and the other recipes still run
+            print(f"[{recipe.name}] skipped: {why}", flush=True)
+            entry.status, entry.error = "skipped", str(why)
+            shutil.rmtree(target, ignore_errors=True)
+            return
         except UserError:
             raise
         except Exception as err:  # a failed build is recorded, and the other recipes still run
@@ -290,11 +305,7 @@ def _check_model_dir(model_dir: Path) -> tuple[dict, TrainManifest | None]:
         raise UserError(
             f"{config_file} is not valid JSON ({err.msg} at line {err.lineno}); the model directory is corrupt"
         ) from None
-    if model_config.get("model_type") not in SUPPORTED_MODEL_TYPES:
-        raise UserError(
-            f"unsupported architecture {model_config.get('model_type')!r}; export supports "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    families.of_config(model_config, str(config_file))  # an unsupported family or task: one line, before any work
     if "id2label" not in model_config:
         raise UserError(f"{config_file} has no id2label; expected a sequence-classification checkpoint")
     if not any((model_dir / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
@@ -302,6 +313,17 @@ def _check_model_dir(model_dir: Path) -> tuple[dict, TrainManifest | None]:
     if not (model_dir / TRAIN_MANIFEST).is_file():
         return model_config, None
     return model_config, read(model_dir, TrainManifest)
+
+
+def _pad_id(tokenizer, model_pad: int | None, family: families.Family) -> int:
+    """The id that pads a batch; for families that number positions after it, it must be the model's own."""
+    pad = tokenizer.pad_token_id or 0
+    if family.position_offset and model_pad is not None and model_pad != pad:
+        raise UserError(
+            f"the tokenizer pads with id {pad} but the model's config says pad_token_id {model_pad}; "
+            f"{family.name} numbers positions after the pad id, so they must agree: fix the tokenizer or config"
+        )
+    return pad
 
 
 def _model_labels(model_config: dict, data_labels: list[str]) -> list[str]:

@@ -4,12 +4,16 @@ The builders lean on Optimum for everything ONNX: ``main_export`` / ``onnx_expor
 ``ORTOptimizer`` and ``ORTQuantizer``.  Each writes one variant directory and returns a
 :class:`Built`: the recipe details for the variant's record, and, when it made a new
 PyTorch model (pruning), that model's reference logits and what was removed.  export.py
-checks and scores what they build; :data:`RECIPES` is the list, in build order.
+checks and scores what they build; :data:`RECIPES` is the list, in build order.  A builder
+that finds its recipe does not apply to the model (a family ORTOptimizer cannot fuse, fewer
+layers than a recipe keeps) raises :class:`NotApplicable` before doing any work: the manifest
+records the variant as skipped, with the reason, and the other recipes still run.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -22,10 +26,19 @@ import numpy as np
 from export import prune
 from export.distill import distil
 from export.evaluate import Reference, torch_reference
+from serve import families
 from serve.contract import MODEL_FILE
+from serve.families import Family
 from train.data import Splits
 
-AUX_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+AUX_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+)
 
 
 @dataclass
@@ -39,6 +52,11 @@ class Context:
     max_length: int
     isa: str
     cuda: bool
+    family: Family  # the model's encoder family (serve/families.py)
+
+
+class NotApplicable(Exception):
+    """The recipe does not apply to this model; the message says why (recorded as ``skipped``)."""
 
 
 @dataclass
@@ -87,30 +105,95 @@ def export_onnx(ctx: Context, source: None, target: Path) -> Built:
 
 
 def optimize(ctx: Context, source: Path, target: Path, level: int, gpu: bool = False) -> Built:
-    """ORTOptimizer at ``level`` (2: fusions; 4: fusions plus fp16, GPU only)."""
+    """ORTOptimizer at ``level`` (2: fusions; 4: fusions plus fp16, GPU only), with the family's model type.
+
+    Every fused Attention node must carry its layer's real head count (pruned layers differ);
+    if one does not, the graph is optimized again without attention fusion and the record says
+    why, rather than keep a graph that splits heads wrongly.
+    """
     from optimum.onnxruntime import ORTOptimizer
     from optimum.onnxruntime.configuration import OptimizationConfig
+    from optimum.onnxruntime.utils import ORTConfigManager
 
-    config = OptimizationConfig(
-        # Optimum's O3/O4 are ONNX Runtime's level 2 (which takes 0, 1, 2, 99) plus GELU approximation / fp16
-        optimization_level=min(level, 2),
-        optimize_for_gpu=gpu,
-        fp16=gpu and level >= 3,
-        enable_gelu_approximation=False,
-    )
+    try:
+        ORTConfigManager.check_optimization_supported_model(ctx.family.model_type, None)
+    except (KeyError, NotImplementedError):
+        raise NotApplicable(f"ORTOptimizer has no graph fusions for {ctx.family.model_type}") from None
+    # Optimum's O3/O4 are ONNX Runtime's level 2 (which takes 0, 1, 2, 99) plus GELU approximation / fp16
+    settings = {"optimization_level": min(level, 2), "optimize_for_gpu": gpu, "fp16": gpu and level >= 3}
+    config = OptimizationConfig(**settings, enable_gelu_approximation=False)
     optimizer = ORTOptimizer.from_pretrained(source, file_names=[MODEL_FILE])
     optimizer.optimize(optimization_config=config, save_dir=target)
     _adopt(target, "model_optimized.onnx", source)
     _infer_shapes(target / MODEL_FILE)
+    heads, wrong = _fused_attention_heads(target / MODEL_FILE, _head_size(source))
+    fusion: dict = {"attention_heads": heads}
+    if wrong:
+        config = OptimizationConfig(**settings, enable_gelu_approximation=False, disable_attention_fusion=True)
+        optimizer.optimize(optimization_config=config, save_dir=target)
+        _adopt(target, "model_optimized.onnx", source)
+        _infer_shapes(target / MODEL_FILE)
+        fusion = {"attention_heads": [], "attention_fusion_disabled": wrong}
+        print(f"[{target.name}] attention fusion disabled: {wrong}", flush=True)
     return Built(
         {
             "tool": "optimum.onnxruntime.ORTOptimizer",
+            "model_type": ctx.family.ort_model_type,
             "optimization_level": level,
             "optimize_for_gpu": gpu,
             "fp16": gpu and level >= 3,
             "fused_operators": _op_counts(target / MODEL_FILE),
+            **fusion,
         }
     )
+
+
+def _head_size(model_dir: Path) -> int:
+    config = json.loads((model_dir / "config.json").read_text())
+    return families.family(config["model_type"]).dims(config)["head_size"]
+
+
+def _fused_attention_heads(path: Path, head_size: int) -> tuple[list[int], str | None]:
+    """Each fused attention node's head count, and what is wrong if one differs from its weights.
+
+    The real count of an Attention node is the query part of its packed q/k/v weight
+    [hidden, q + k + v] divided by the head size; of a MultiHeadAttention node, the width of
+    the projection that makes its query.  ORT's fusion reads ``num_heads`` from the graph's
+    reshape constants and falls back to the config's (unpruned) count when it finds none; a
+    node whose real count cannot be read counts as wrong too.
+    """
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    shapes = {i.name: tuple(i.dims) for i in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def projection_width(tensor: str) -> int | None:  # MatMul(x, W) or Add(MatMul(x, W), b)
+        node = producer.get(tensor)
+        if node is not None and node.op_type == "Add":
+            node = next((producer[i] for i in node.input if i in producer and producer[i].op_type == "MatMul"), None)
+        if node is not None and node.op_type == "MatMul" and node.input[1] in shapes:
+            return shapes[node.input[1]][-1]
+        return None
+
+    heads, wrong = [], []
+    for node in graph.node:
+        if node.op_type not in ("Attention", "MultiHeadAttention"):
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        declared = attrs["num_heads"].i
+        if node.op_type == "MultiHeadAttention":
+            width = projection_width(node.input[0])
+        elif "qkv_hidden_sizes" in attrs:
+            width = attrs["qkv_hidden_sizes"].ints[0]
+        else:
+            width = shapes[node.input[1]][-1] // 3 if node.input[1] in shapes else None
+        heads.append(declared)
+        if width is None:
+            wrong.append(f"{node.name}: its real head count cannot be read from the graph")
+        elif width // head_size != declared:
+            wrong.append(f"{node.name} declares {declared} heads, its weights hold {width // head_size}")
+    return heads, "; ".join(wrong) or None
 
 
 def _infer_shapes(path: Path) -> None:
@@ -137,6 +220,13 @@ def quantize_dynamic(ctx: Context, source: Path, target: Path) -> Built:
 
 def quantize_static(ctx: Context, source: Path, target: Path) -> Built:
     """ORTQuantizer static int8 (QDQ MatMuls), ranges calibrated on training sentences."""
+    control_flow = _control_flow_nodes(source / MODEL_FILE)
+    if control_flow:
+        # ORTQuantizer refuses them ("not supported for models with subgraphs"): say so before calibrating
+        raise NotApplicable(
+            f"ORTQuantizer cannot calibrate a graph with subgraphs; the {ctx.family.name} export has "
+            f"{len(control_flow)} control-flow node(s) ({', '.join(sorted(set(control_flow)))})"
+        )
     rng = np.random.default_rng(ctx.config.seed)
     train = ctx.splits.train["text"].tolist()
     picks = rng.choice(len(train), size=min(ctx.config.calibration_samples, len(train)), replace=False)
@@ -164,7 +254,10 @@ def _quantize(
         # Static ranges are fixed at calibration: only MatMuls with a weight are quantized,
         # and the FFN down-projection stays fp32 (its post-GELU input has outliers ~100x the
         # median, which a fixed int8 range cannot hold without breaking the model).
-        extra = {"operators_to_quantize": ["MatMul"], "nodes_to_exclude": _static_exclusions(source / MODEL_FILE)}
+        extra = {
+            "operators_to_quantize": ["MatMul"],
+            "nodes_to_exclude": _static_exclusions(source / MODEL_FILE, ctx.family),
+        }
     qconfig = getattr(AutoQuantizationConfig, ctx.isa)(is_static=is_static, per_channel=ctx.config.per_channel, **extra)
     details: dict = {
         "tool": "optimum.onnxruntime.ORTQuantizer",
@@ -185,17 +278,24 @@ def _quantize(
     return details
 
 
-def _static_exclusions(path: Path) -> list[str]:
-    """MatMuls that stay fp32 under static int8: activation x activation, and FFN down-projections."""
+def _static_exclusions(path: Path, family: Family) -> list[str]:
+    """MatMuls that stay fp32 under static int8: activation x activation, and FFN down-projections.
+
+    The exporter names a node after its module path (``/bert/encoder/layer.0/output/dense/MatMul``),
+    so the family's FFN output path finds the down-projections; its attention output path, which
+    can end the same way (BERT: ``attention.output.dense``), is told apart.
+    """
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
     weights = {i.name for i in graph.initializer}
+    ffn_out = "/" + family.ffn_out.replace(".", "/") + "/"
+    attention_out = "/" + family.attention_out.replace(".", "/") + "/"
     return [
         n.name
         for n in graph.node
         if n.op_type == "MatMul"
-        and (not any(i in weights for i in n.input) or ("/output/dense/" in n.name and "attention" not in n.name))
+        and (not any(i in weights for i in n.input) or (ffn_out in n.name and attention_out not in n.name))
     ]
 
 
@@ -218,7 +318,9 @@ def _calibrate(ctx: Context, quantizer, qconfig, texts: list[str]):
     encoded = tokenizer(
         texts, truncation=True, max_length=pad_to or ctx.max_length, padding="max_length" if pad_to else False
     )
-    dataset = Dataset.from_dict(dict(encoded))
+    # only what the graph takes: a DeBERTa-v3 tokenizer returns token_type_ids its graph has no input for
+    inputs = _graph_inputs(quantizer.onnx_model_path)
+    dataset = Dataset.from_dict({k: v for k, v in encoded.items() if k in inputs})
     calibration = {
         "minmax": lambda: AutoCalibrationConfig.minmax(dataset),
         "percentile": lambda: AutoCalibrationConfig.percentiles(dataset, percentile=99.999),
@@ -258,20 +360,22 @@ def prune_and_distil(ctx: Context, source: None, target: Path, keep_layers: int 
     config, name = ctx.config, target.name
     tokenizer = AutoTokenizer.from_pretrained(ctx.model_dir)
     teacher = AutoModelForSequenceClassification.from_pretrained(ctx.model_dir).eval()
-    before = _size(teacher)
+    if keep_layers and (why := prune.cannot_drop_layers(teacher, keep_layers)):
+        raise NotApplicable(why)
+    before = _size(teacher, ctx.family)
 
     started = time.perf_counter()
     batches = list(_labelled_batches(ctx, tokenizer, config.importance_samples))
     scout = copy.deepcopy(teacher)
-    layers = list(range(len(teacher.bert.encoder.layer)))
-    if keep_layers and keep_layers < len(layers):
+    layers = list(range(prune.layer_count(teacher)))
+    if keep_layers:
         layers = prune.choose_layers(scout, batches[: max(1, len(batches) // 2)], keep_layers)
         prune.apply_layers(scout, layers)
     head_score, ffn_score = prune.importance(scout, batches)
     plan = prune.plan(scout, head_score, ffn_score, target=config.prune_target, layers=layers)
     student = prune.apply(copy.deepcopy(teacher), plan)
     ranking_seconds = time.perf_counter() - started
-    after = _size(student)
+    after = _size(student, ctx.family)
     before_kd = torch_reference(student.eval(), tokenizer, ctx.splits, ctx.max_length, config.batch_size)
     removed = 1 - after["encoder_macs_per_token"] / before["encoder_macs_per_token"]
     print(
@@ -308,14 +412,16 @@ def prune_and_distil(ctx: Context, source: None, target: Path, keep_layers: int 
         "(Michel et al. 2019) and FFN neurons, the least important share of each removed, "
         "then logit distillation from the unpruned model",
         "target_fraction_heads_and_ffn": config.prune_target,
+        "family": ctx.family.model_type,
+        "head_surgery": _surgery(ctx.family),
         "kept_layers": layers,
         "before": before,
         "after": after,
         "flops_reduction": round(removed, 4),
         "parameter_reduction": round(1 - after["parameters"] / before["parameters"], 4),
         "encoder_parameter_reduction": round(1 - after["encoder_parameters"] / before["encoder_parameters"], 4),
-        "heads_per_layer": [layer.attention.self.num_attention_heads for layer in student.bert.encoder.layer],
-        "ffn_per_layer": [layer.intermediate.dense.out_features for layer in student.bert.encoder.layer],
+        "heads_per_layer": [prune.heads_of(ctx.family, layer) for layer in ctx.family.passes(student)],
+        "ffn_per_layer": [prune.ffn_of(ctx.family, layer) for layer in ctx.family.passes(student)],
         "flops_counted_at_seq_len": 128,
         "ranking_seconds": round(ranking_seconds, 1),
         "validation_before_distillation": before_kd.validation_metrics,
@@ -330,11 +436,21 @@ def prune_and_distil(ctx: Context, source: None, target: Path, keep_layers: int 
     return Built(details, reference=reference, pruning=pruning)
 
 
-def _size(model) -> dict:
+def _surgery(family: Family) -> str:
+    how = "transformers prune_heads" if family.native_prune_heads else "q/k/v and output projections cut by trimserve"
+    if family.shared_head_bias:
+        how += ", the same heads in every layer (one shared per-head position bias)"
+    if family.shared_layers:
+        how += ", once in the shared layer (applied at every pass)"
+    return how
+
+
+def _size(model, family: Family) -> dict:
     return {
         "encoder_macs_per_token": prune.encoder_macs_per_token(model),
         "parameters": _params(model),
-        "encoder_parameters": _params(model.bert.encoder),
+        # the distinct layers' weights (ALBERT runs one shared layer many times)
+        "encoder_parameters": sum(_params(layer) for layer in family.encoder_layers(model)),
     }
 
 
@@ -369,6 +485,24 @@ def _adopt(target: Path, produced: str, source: Path) -> None:
     for name in AUX_FILES:
         if (source / name).is_file() and not (target / name).exists():
             shutil.copy2(source / name, target / name)
+
+
+def _control_flow_nodes(path: Path) -> list[str]:
+    """Op types of the nodes that hold subgraphs (If, Loop, Scan)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [
+        n.op_type
+        for n in graph.node
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)
+    ]
+
+
+def _graph_inputs(path: Path) -> list[str]:
+    import onnx
+
+    return [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
 
 
 def _opset(path: Path) -> int:

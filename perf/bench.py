@@ -39,7 +39,8 @@ from tqdm import tqdm
 from export import machine
 from export.evaluate import score
 from perf import report
-from perf.engines import EngineSpec, make_engine, peak_memory
+from perf.engines import EngineSpec, SyntheticTokens, make_engine, peak_memory
+from serve import families
 from serve.contract import (
     MODEL_FILE,
     Selection,
@@ -194,7 +195,7 @@ def run(config: PerfConfig) -> dict:
     if "offline" in config.scenarios:
         _offline(entries, engines, texts, config)
     if "sweep" in config.scenarios:
-        _sweep(entries, engines, config)
+        _sweep(entries, engines, config, manifest.directory(manifest.entry("onnx-fp32")))
     del engines
     if "memory" in config.scenarios:
         # Each probe is a process of its own, so two at a time measure the same peaks in half the time.
@@ -315,15 +316,22 @@ def _offline(entries, engines, texts, config: PerfConfig) -> None:
         }
 
 
-def _sweep(entries, engines, config: PerfConfig) -> None:
+def _sweep(entries, engines, config: PerfConfig, variant_dir: Path) -> None:
+    """Model-only latency per batch x length, on the served tokenizer's own ids; lengths past the
+    model's positions are left out (said on stdout)."""
     rng = np.random.default_rng(0)
+    tokens = SyntheticTokens(variant_dir / "tokenizer.json")
+    model_config = json.loads((variant_dir / "config.json").read_text())
+    limit = families.family(model_config["model_type"]).position_limit(model_config)
+    lengths = [s for s in config.sweep_lengths if not limit or s <= limit]
+    if len(lengths) < len(config.sweep_lengths):
+        print(f"shape sweep: lengths over the model's {limit} positions left out")
     for entry in tqdm(entries, desc="shape sweep"):
         engine = engines[entry["name"]]
         result = {}
         for b in config.sweep_batches:
-            for s in config.sweep_lengths:
-                ids = rng.integers(1000, 29000, size=(b, s), dtype=np.int64)
-                ids[:, 0], ids[:, -1] = 101, 102  # [CLS] ... [SEP]
+            for s in lengths:
+                ids = tokens(rng, b, s)
                 engine.forward_shape(ids)
                 start = time.perf_counter()
                 engine.forward_shape(ids)

@@ -109,6 +109,36 @@ class PipelineEngine:
         return np.concatenate(out)
 
 
+class SyntheticTokens:
+    """Random token ids of exact shapes for the shape sweep, in the served tokenizer's own vocabulary.
+
+    Each row is framed by the ids the tokenizer itself puts around a text (BERT's [CLS] ... [SEP]
+    are 101/102, RoBERTa's <s> ... </s> 0/2, ModernBERT's 50281/50282), and filled with ordinary
+    (non-special) tokens, so every family's embedding lookup sees ids it really has.
+    """
+
+    def __init__(self, tokenizer_file: Path):
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        framing = tokenizer.encode("").ids  # the post-processor's specials around an empty text
+        self.first = framing[0] if framing else None
+        self.last = framing[-1] if len(framing) > 1 else None
+        special = {i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special}
+        self.ordinary = np.array(sorted(set(tokenizer.get_vocab().values()) - special), dtype=np.int64)
+
+    def __call__(self, rng: np.random.Generator, batch: int, length: int) -> np.ndarray:
+        """int64 ids [batch, length]."""
+        ids = self.ordinary[rng.integers(0, len(self.ordinary), size=(batch, length))]
+        if self.first is not None:
+            ids[:, 0] = self.first
+        if self.last is not None:
+            ids[:, -1] = self.last
+        return ids
+
+
 def make_engine(entry: dict, spec: EngineSpec):
     """The engine of a report entry (``name``, ``kind``, ``path``): the pipeline for the PyTorch baseline, else ONNX."""
     if entry["kind"] == "baseline" and entry["name"] == "baseline-pipeline":

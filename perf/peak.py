@@ -15,16 +15,19 @@ from pathlib import Path
 import numpy as np
 
 from export.machine import cpu_flags
+from serve import families
 
 
 def linear_macs_per_token(config_file: Path, pruning: dict | None) -> int:
     """Multiply-accumulates per token in the encoder's linear layers (the int8 MatMuls)."""
     config = json.loads(config_file.read_text())
-    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
-    head_dim = hidden // config["num_attention_heads"]
-    heads = pruning["heads_per_layer"] if pruning else [config["num_attention_heads"]] * layers
-    ffn = pruning["ffn_per_layer"] if pruning else [config["intermediate_size"]] * layers
-    return sum(4 * hidden * h * head_dim + 2 * hidden * f for h, f in zip(heads, ffn, strict=True))
+    family = families.family(config["model_type"])
+    dims = family.dims(config)
+    hidden, layers, head_dim = dims["hidden"], dims["layers"], dims["head_size"]
+    heads = pruning["heads_per_layer"] if pruning else [dims["heads"]] * layers
+    ffn = pruning["ffn_per_layer"] if pruning else [dims["ffn"]] * layers
+    ffn_projections = 3 if family.gated_ffn else 2  # a gated FFN has two input projections
+    return sum(4 * hidden * h * head_dim + ffn_projections * hidden * f for h, f in zip(heads, ffn, strict=True))
 
 
 def padded_tokens(variant_dir: Path, texts: list[str], batch: int, max_length: int, sort: bool) -> int:

@@ -2,8 +2,8 @@
 
     python -m tests.import_graph        # prints each package's imports of the others, then module cycles
 
-The rules it lets tests/test_contract.py check: serve/ imports only serve/; train/ only itself
-and serve.contract; export/ no perf/; no module imports one that imports it back.
+The rules it lets tests/test_contract.py check: serve/ imports only serve/; train/ only itself,
+serve.contract and serve.families; export/ no perf/; no module imports one that imports it back.
 """
 
 from __future__ import annotations

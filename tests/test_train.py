@@ -203,3 +203,14 @@ def test_lora_trains_few_parameters_and_merges(tmp_path):
 
     with safe_open(tmp_path / "lora" / "model.safetensors", "pt") as fh:
         assert not [k for k in fh.keys() if "lora" in k]
+
+    # The merged weights score what the run recorded, computed as export/ computes it.
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from export.evaluate import torch_reference
+
+    splits = load_splits(DataSpec())
+    splits.validation, splits.test = splits.validation.iloc[:32], splits.test.iloc[:32]
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "lora").eval()
+    reference = torch_reference(model, AutoTokenizer.from_pretrained(tmp_path / "lora"), splits, 32)
+    assert reference.test_metrics["accuracy"] == pytest.approx(manifest.metrics["test"]["accuracy"], abs=0.001)

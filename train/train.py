@@ -4,8 +4,10 @@ Reads top to bottom: load and split the data, tokenize, build the model (full fi
 or LoRA), train with transformers' Trainer (AdamW, linear warm-up, weight decay, early
 stopping on validation accuracy; the model kept is the best evaluation, one at the final
 step included), evaluate on the test split (per class too), and write the model directory
-plus ``train_manifest.json``.  LoRA adapters are merged into the base
-weights, so export/ always sees a plain ``BertForSequenceClassification``.
+plus ``train_manifest.json``.  Any encoder family in serve/families.py is accepted (an
+unsupported one is refused before the data is read); LoRA targets the family's own linear
+layers and saves its classification head, and the adapters are merged into the base
+weights, so export/ always sees a plain ``*ForSequenceClassification``.
 
     python -m train --help
 """
@@ -23,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from serve import families
 from serve.contract import TRAIN_MANIFEST, TrainManifest, UserError, run_cli, write
 from train.cliargs import ConfigParser, add_config_args, config_from_args
 from train.data import DEFAULT_DATA, DEFAULT_MODEL, DataSpec, Splits, load_splits, resolve_model
@@ -143,6 +146,7 @@ def train(config: TrainConfig) -> TrainManifest:
     output = Path(config.output).resolve()
     _check_output(output, config.overwrite)
     model_path = resolve_model(config.model)
+    family = _check_family(model_path, config.max_length)
     splits = load_splits(config.data_spec)
     if config.max_train_samples:
         splits.train = splits.train.iloc[: config.max_train_samples]
@@ -157,13 +161,13 @@ def train(config: TrainConfig) -> TrainManifest:
     if config.threads:
         torch.set_num_threads(config.threads)
     transformers.set_seed(config.seed)
-    tokenizer, model = _load_model(model_path, splits.label_names, config.max_length)
+    tokenizer, model = _load_model(model_path, splits.label_names)
     train_ds, val_ds, test_ds = (
         _tokenize(tokenizer, part, splits.label_names, config.max_length)
         for part in (splits.train, splits.validation, splits.test)
     )
     if config.method == "lora":
-        model = _wrap_lora(model, config)
+        model = _wrap_lora(model, config, family)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"model: {model_path} method={config.method} trainable={trainable:,} / {total:,} parameters")
@@ -238,7 +242,33 @@ def _replace_dir(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_model(model_path: str, label_names: list[str], max_length: int):
+def _check_family(model_path: str, max_length: int) -> families.Family:
+    """The model's encoder family, after checking it is supported and ``max_length`` fits its positions.
+
+    Reads only the config, so an unsupported model is refused before data or weights are loaded.
+    """
+    from transformers import AutoConfig
+
+    local = Path(model_path) / "config.json"
+    if local.is_file():  # an architecture transformers does not even know gets the same one line
+        try:
+            families.of_config(json.loads(local.read_text()), f"model {model_path}")
+        except json.JSONDecodeError as err:
+            raise UserError(f"{local} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    try:
+        config = AutoConfig.from_pretrained(model_path).to_dict()
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load model {model_path!r}: {str(err).splitlines()[0]}") from None
+    family = families.of_config(config, f"model {model_path}")
+    positions = family.position_limit(config)
+    if positions and max_length > positions:
+        raise UserError(
+            f"--max-length {max_length} exceeds the model's {positions} positions; use --max-length <= {positions}"
+        )
+    return family
+
+
+def _load_model(model_path: str, label_names: list[str]):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -250,14 +280,14 @@ def _load_model(model_path: str, label_names: list[str], max_length: int):
         model = AutoModelForSequenceClassification.from_pretrained(
             model_path, num_labels=len(label_names), id2label=id2label, label2id=label2id
         )
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, ImportError) as err:  # ImportError: a slow tokenizer needs sentencepiece
         raise UserError(f"cannot load model {model_path!r}: {str(err).splitlines()[0]}") from None
     finally:
         hf_logging.set_verbosity_warning()
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions and max_length > positions:
+    if not tokenizer.is_fast:  # serving reads tokenizer.json, which only a fast tokenizer writes
         raise UserError(
-            f"--max-length {max_length} exceeds the model's {positions} positions; use --max-length <= {positions}"
+            f"model {model_path!r} has no fast tokenizer (tokenizer.json); convert it once with "
+            "AutoTokenizer.from_pretrained(...).save_pretrained(...) where sentencepiece is installed"
         )
     return tokenizer, model
 
@@ -276,7 +306,7 @@ def _tokenize(tokenizer, frame, label_names: list[str], max_length: int):
     )
 
 
-def _wrap_lora(model, config: TrainConfig):
+def _wrap_lora(model, config: TrainConfig, family: families.Family):
     from peft import LoraConfig, TaskType, get_peft_model
 
     lora = LoraConfig(
@@ -285,8 +315,9 @@ def _wrap_lora(model, config: TrainConfig):
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         # every linear layer of the encoder: attention projections and the FFN
-        target_modules=["query", "key", "value", "dense"],
-        modules_to_save=["classifier", "pooler"],
+        target_modules=list(family.lora_targets),
+        # the classification head is new: trained in full and saved with the adapters
+        modules_to_save=list(family.head_modules),
     )
     return get_peft_model(model, lora)
 

@@ -23,9 +23,12 @@ the core warm would burn.
 
 Modes: ``batching`` is the service's defaults (trimserve's path, continuous batching);
 ``no-batching`` sets ``TRIMSERVE_BATCHING=0``; ``bentoml`` sets ``TRIMSERVE_FAST_PATH=0``
-(BentoML's own route and adaptive batching, the path before trimserve's: the comparison).
+(BentoML's own route and adaptive batching, the path before trimserve's: the comparison);
+``tracing``, ``no-access-log`` and ``no-bentoml-metrics`` flip one switch each, to price it.
 
     python -m perf.loadgen --server-cpus 0 --client-cpus 1
+    python -m perf.loadgen --server-cpus 0 --client-cpus 1 --modes batching tracing no-access-log \
+        no-bentoml-metrics --rates 100 --closed-clients 0
     python -m perf.loadgen --url http://127.0.0.1:3000 --api-key-file .keys --variant int8-dynamic
 """
 
@@ -63,7 +66,15 @@ from serve.classifier import OnnxClassifier
 from serve.contract import UserError, run_cli
 from train.cliargs import ConfigParser, add_config_args, config_from_args
 
-MODES = {"batching": {}, "no-batching": {"TRIMSERVE_BATCHING": "0"}, "bentoml": {"TRIMSERVE_FAST_PATH": "0"}}
+MODES = {
+    "batching": {},
+    "no-batching": {"TRIMSERVE_BATCHING": "0"},
+    "bentoml": {"TRIMSERVE_FAST_PATH": "0"},
+    # one switch each, for what a per-request cost is worth (run with a single --rates value)
+    "tracing": {"TRIMSERVE_TRACING": "1"},
+    "no-access-log": {"TRIMSERVE_ACCESS_LOG": "0"},
+    "no-bentoml-metrics": {"TRIMSERVE_BENTOML_METRICS": "0"},
+}
 GOALS = {
     "cpu_overhead_ms": 1.0,
     "low_load_overhead_ms": 1.5,
@@ -81,7 +92,7 @@ class LoadConfig(LoadBase):
     )
     api_key_file: str | None = field(default=None, metadata={"help": "bearer key for --url (first line of the file)"})
     modes: tuple[str, ...] = field(
-        default=tuple(MODES),
+        default=("batching", "no-batching", "bentoml"),
         metadata={"help": "serving modes to start and compare (with --url: the running server as it is)"},
     )
     rates: tuple[float, ...] = field(default=(), metadata={"help": "offered rates in requests/s (default: a ramp)"})

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -152,15 +153,9 @@ class Batcher:
         flat = [(j, i, e) for j, job in enumerate(jobs) for i, e in enumerate(job.encodings)]
         flat.sort(key=lambda item: len(item[2].ids))
         probs = [np.empty((job.texts, len(self.model.labels)), dtype=np.float32) for job in jobs]
-        start = 0
-        while start < len(flat):
-            end, real = start + 1, len(flat[start][2].ids)
-            while end < len(flat) and end - start < self.max_batch_size:
-                longest = len(flat[end][2].ids)  # sorted: the newcomer is the longest, the one all pad to
-                padded = (end - start + 1) * longest
-                if padded > self.max_batch_tokens or padded > (1 + self.max_padding) * (real + longest):
-                    break
-                end, real = end + 1, real + longest
+        for start, end in chunk_bounds(
+            [len(e.ids) for _, _, e in flat], self.max_batch_size, self.max_batch_tokens, self.max_padding
+        ):
             chunk = flat[start:end]
             began = time.perf_counter()
             encoded = self.model.pad([e for _, _, e in chunk])
@@ -168,8 +163,36 @@ class Batcher:
             metrics.record_batch(len(chunk), time.perf_counter() - began)
             for (j, i, _), row in zip(chunk, chunk_probs, strict=True):
                 probs[j][i] = row
-            start = end
         return probs
+
+
+def chunk_bounds(
+    lengths: list[int], max_batch_size: int, max_batch_tokens: int, max_padding: float
+) -> list[tuple[int, int]]:
+    """Split texts sorted by token count into model calls: ``[(start, end), ...]`` covering them in order.
+
+    A call grows while it stays within ``max_batch_size`` texts, ``max_batch_tokens`` padded
+    tokens (texts x its longest) and padding of at most ``max_padding`` x its real tokens; a
+    text too long for ``max_batch_tokens`` on its own still gets a call of its own.
+
+    Raises:
+        ValueError: ``lengths`` is not sorted ascending.
+    """
+    if any(a > b for a, b in itertools.pairwise(lengths)):
+        raise ValueError("lengths must be sorted ascending")
+    bounds = []
+    start = 0
+    while start < len(lengths):
+        end, real = start + 1, lengths[start]
+        while end < len(lengths) and end - start < max_batch_size:
+            longest = lengths[end]  # sorted: the newcomer is the longest, the one all pad to
+            padded = (end - start + 1) * longest
+            if padded > max_batch_tokens or padded > (1 + max_padding) * (real + longest):
+                break
+            end, real = end + 1, real + longest
+        bounds.append((start, end))
+        start = end
+    return bounds
 
 
 def _deliver(outcomes: list[tuple[Job, object]]) -> None:

@@ -129,6 +129,7 @@ class Classifier:
             CONFIG.max_batch_tokens,
             CONFIG.max_latency_ms / 1e3,
             merge=CONFIG.batching,
+            max_padding=CONFIG.max_padding,
         )
         metrics.MODEL_INFO.labels(variant=VARIANT.name, sha256=VARIANT.model_sha256).set(1)
         metrics.THREADS.labels(source="threads").set(CONFIG.ort_threads)

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -166,9 +167,11 @@ def test_fp16_recipe_builds_its_graph_without_a_gpu(served_variant, tmp_path):
     import onnx
 
     from export.recipes import RECIPES
+    from serve import families
 
     recipe = next(r for r in RECIPES if r.name == "onnx-fp16")
-    built = recipe.build(None, served_variant[3], tmp_path / "fp16", **recipe.params)
+    ctx = SimpleNamespace(family=families.family("bert"))  # the builder reads only the family
+    built = recipe.build(ctx, served_variant[3], tmp_path / "fp16", **recipe.params)
     graph = onnx.load(str(tmp_path / "fp16" / "model.onnx")).graph
     assert built.details["fp16"] and built.details["fused_operators"]["Attention"] == 6
     assert sum(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer) > len(graph.initializer) // 2

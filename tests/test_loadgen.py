@@ -87,7 +87,9 @@ def test_summarize_counts_codes_and_failures_apart():
 
 def test_ramp_grows_geometrically_up_to_its_max():
     assert list(_ramp(LoadConfig(ramp_start=10, ramp_factor=2, ramp_max=80))) == [10, 20, 40, 80]
-    with pytest.raises(UserError, match=r"--modes fast is not valid: expected some of batching, no-batching, bentoml"):
+    with pytest.raises(
+        UserError, match=r"--modes fast is not valid: expected some of batching, no-batching, bentoml, tracing"
+    ):
         LoadConfig(modes=("fast",))
 
 

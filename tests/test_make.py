@@ -65,7 +65,7 @@ def test_dry_run_for_own_data_runs_every_stage_outside_artifacts(tmp_path):
     assert not DEFAULT_ART.search(out), "own data must not touch the default artifacts/"
     assert not (REPO / art).exists()  # a dry run writes nothing
 
-    plain = _make("-n", "pipeline")  # the default pipeline still owns artifacts/
+    plain = _make("-B", "-n", "pipeline")  # the default pipeline still owns artifacts/ (-B: whatever is built here)
     lines = [line.rstrip() for line in plain.stdout.splitlines()]
     assert plain.returncode == 0 and ".venv/bin/python -m train --output artifacts/model --overwrite" in lines
 

@@ -22,7 +22,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from serve.auth import KeyStore, RateLimiter, digest, parse_keys
-from serve.batching import Batcher, Engine
+from serve.batching import Batcher, Engine, chunk_bounds
 from serve.classifier import OnnxClassifier
 from serve.config import ServeConfig, check_device, gpu_of_worker, resolve_variant, visible_gpus
 from serve.contract import Selection, UserError, sha256_file, write
@@ -104,6 +104,7 @@ OPEN = {"TRIMSERVE_ALLOW_NO_AUTH": "1"}
             r"TRIMSERVE_MAX_BODY_BYTES=100 is not valid: expected an integer >= 1024",
         ),
         ({**OPEN, "TRIMSERVE_MAX_LAG_MS": "-1"}, r"TRIMSERVE_MAX_LAG_MS=-1.0 is not valid: expected milliseconds >= 0"),
+        ({**OPEN, "TRIMSERVE_MAX_PADDING": "-0.5"}, r"TRIMSERVE_MAX_PADDING=-0.5 is not valid: expected a share >= 0"),
         (
             {**OPEN, "TRIMSERVE_RATE_LIMIT_RPS": "-1"},
             r"TRIMSERVE_RATE_LIMIT_RPS=-1.0 is not valid: expected requests/s >= 0",
@@ -225,6 +226,21 @@ def engine(served_variant) -> Engine:
     _, _, record, directory = served_variant
     classifier = OnnxClassifier.load(directory, record, threads=1)
     return Engine(classifier, Batcher(classifier, 8, 1024, max_queue_s=5.0), ready=True)
+
+
+def test_model_calls_group_texts_of_similar_length():
+    lengths = [10, 10, 11, 12, 20, 21, 22, 60, 300]
+    bounds = chunk_bounds(lengths, max_batch_size=32, max_batch_tokens=4096, max_padding=0.1)
+    assert bounds == [(0, 3), (3, 4), (4, 7), (7, 8), (8, 9)]  # every call covered once, in order
+    for start, end in bounds:
+        chunk = lengths[start:end]
+        assert len(chunk) * max(chunk) <= 1.1 * sum(chunk)
+    assert chunk_bounds([5] * 10, 4, 4096, 0.1) == [(0, 4), (4, 8), (8, 10)]  # max_batch_size
+    assert chunk_bounds([50] * 4, 32, 100, 0.1) == [(0, 2), (2, 4)]  # max_batch_tokens
+    assert chunk_bounds([500], 32, 100, 0.1) == [(0, 1)]  # too long for the token limit: runs alone
+    assert chunk_bounds([10, 20, 30], 32, 4096, 10.0) == [(0, 3)]  # padding allowed: one call
+    with pytest.raises(ValueError, match="sorted"):
+        chunk_bounds([3, 2], 32, 4096, 0.1)
 
 
 def _ok_app(delay_s: float = 0.0):

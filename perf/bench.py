@@ -2,9 +2,10 @@
 
 Reads top to bottom: load the variants manifest (only variants that passed their check,
 files verified by sha256), build baseline b, load every engine, then measure, in one
-process and on the same test sentences:
+process and on the same sentences:
 
-  accuracy     test accuracy and macro-F1 of every entry
+  accuracy     accuracy and macro-F1 of every entry on validation, test and each --eval-set,
+               and its paired difference to onnx-fp32 with a 95 % bootstrap interval
   SingleStream batch 1, one real sentence after another, tokenization included (MLPerf)
   Offline      the whole test split in batches of 8 / 32 / 128, sentences per second
   shape sweep  batch x sequence length on synthetic tokens, model only
@@ -13,7 +14,8 @@ process and on the same test sentences:
 Engines are timed in warmed blocks, and the blocks alternate round by round: ONNX Runtime's
 and PyTorch's thread pools spin after each call, so interleaving engines call by call
 would have them steal each other's cores.  Then the report (JSON, markdown, plot) is
-written and the fastest variant within the accuracy budget becomes ``selected.json``.
+written and the selection (see :func:`select`: decided on validation and the extra sets,
+never on test, which stays held out) becomes ``selected.json``.
 
 Baselines: (a) ``baseline-pipeline``: transformers pipeline on the PyTorch fp32 model;
 (b) ``baseline-optimum-int8``: Optimum's plain recipe, export plus ORTQuantizer dynamic
@@ -38,7 +40,7 @@ from tqdm import tqdm
 
 from export import machine
 from export.evaluate import score
-from perf import report
+from perf import report, stats
 from perf.engines import EngineSpec, SyntheticTokens, make_engine, peak_memory
 from serve import families
 from serve.contract import (
@@ -53,7 +55,8 @@ from serve.contract import (
     write,
 )
 from train.cliargs import ConfigParser, add_config_args, config_from_args
-from train.data import check_rebuilt, load_splits, spec_from_description
+from train.data import DataSpec, check_rebuilt, load_splits, spec_from_description
+from train.sources import read_source
 
 BASELINE_A = "baseline-pipeline"
 BASELINE_B = "baseline-optimum-int8"
@@ -74,8 +77,20 @@ class PerfConfig:
         default=None, metadata={"help": "where to write the serving choice (default: selected.json beside --output)"}
     )
     budget: float = field(
-        default=0.99, metadata={"help": "selected variant keeps >= budget x onnx-fp32 test accuracy (MLPerf: 0.99)"}
+        default=0.99,
+        metadata={
+            "help": "selected variant keeps >= budget x onnx-fp32's accuracy on validation and every --eval-set "
+            "(MLPerf: 0.99); test is never used to select"
+        },
     )
+    eval_set: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "NAME=PATH ...: more labelled sets (CSV/TSV/JSONL, optionally .gz/.bz2, with text and label "
+            "columns; labels must be the model's) scored for every entry; the budget applies to each"
+        },
+    )
+    seed: int = field(default=42, metadata={"help": "seed of the bootstrap resampling behind the intervals"})
     threads: int = field(default=0, metadata={"help": "intra-op threads for every engine (0: all cores)"})
     spin: bool = field(
         default=True,
@@ -101,7 +116,9 @@ class PerfConfig:
     scenarios: tuple[str, ...] = field(
         default=("single", "offline", "sweep", "memory"), metadata={"help": "what to measure"}
     )
-    max_eval_samples: int | None = field(default=None, metadata={"help": "use only N test sentences (quick runs)"})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "use only the first N sentences of each scored set (quick runs)"}
+    )
 
     def __post_init__(self) -> None:
         if not 0 < self.budget <= 1:
@@ -115,6 +132,22 @@ class PerfConfig:
             raise UserError("--rounds must be >= 1, --single-stream-queries >= --rounds, --warmup and --threads >= 0")
         if any(b < 1 for b in self.offline_batches + self.sweep_batches + self.sweep_lengths):
             raise UserError("batch sizes and sequence lengths must be >= 1")
+        self.eval_sets  # noqa: B018 - parse now, so that a bad --eval-set stops before anything runs
+
+    @property
+    def eval_sets(self) -> dict[str, Path]:
+        """``--eval-set`` as ``{name: path}``; UserError for a malformed, duplicate or missing one."""
+        sets: dict[str, Path] = {}
+        for item in self.eval_set:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise UserError(f"--eval-set {item!r} is not valid: expected NAME=PATH")
+            if name in sets or name in ("validation", "test", "train"):
+                raise UserError(f"--eval-set {item!r} is not valid: {name!r} is already a set's name")
+            if not Path(path).expanduser().is_file():
+                raise UserError(f"--eval-set {item!r} is not valid: no such file {path}")
+            sets[name] = Path(path).expanduser()
+        return sets
 
     @property
     def thread_count(self) -> int:
@@ -150,15 +183,17 @@ def run(config: PerfConfig) -> dict:
         raise UserError(f"baseline model {model_dir} is missing; pass --model with the fine-tuned model directory")
     splits = load_splits(spec_from_description(manifest.data))
     check_rebuilt(splits, manifest.data)
-    test = splits.test
+    sets = {"validation": splits.validation, "test": splits.test}
+    sets |= {name: load_eval_set(path, name, reference.labels) for name, path in config.eval_sets.items()}
     if config.max_eval_samples:
-        test = test.iloc[: config.max_eval_samples]
-    texts, labels = test["text"].tolist(), test["label"].tolist()
+        sets = {name: frame.iloc[: config.max_eval_samples] for name, frame in sets.items()}
+    texts = sets["test"]["text"].tolist()  # what the speed scenarios run
     threads = config.thread_count
     # Every engine tokenizes like the served variants: the reference variant's record says how.
     spec = EngineSpec(threads, config.spin, reference.labels, reference.max_length, reference.pad_token_id)
 
-    print(f"perf: {len(records)} variants + 2 baselines, {len(texts)} test sentences, {threads} threads")
+    sizes = ", ".join(f"{len(frame):,} {name}" for name, frame in sets.items())
+    print(f"perf: {len(records)} variants + 2 baselines; sentences: {sizes}; {threads} threads")
     baseline_b_dir = _build_baseline_b(manifest, out / BASELINE_B)
     entries = [
         {
@@ -188,8 +223,11 @@ def run(config: PerfConfig) -> dict:
     ]
 
     engines = {e["name"]: make_engine(e, spec) for e in tqdm(entries, desc="load engines")}
-    for entry in tqdm(entries, desc="accuracy"):
-        entry["accuracy"] = score(engines[entry["name"]].logits(texts), labels, reference.labels)
+    _score_entries(entries, engines, sets, reference.labels, config.seed)
+    for entry in entries:
+        invariance = getattr(records.get(entry["name"]), "batch_invariance", None)
+        if invariance:
+            entry["batch_invariance"] = invariance
     if "single" in config.scenarios:
         _single_stream(entries, engines, texts, config)
     if "offline" in config.scenarios:
@@ -211,11 +249,12 @@ def run(config: PerfConfig) -> dict:
         "config": asdict(config),
         "method": _method_text(config, len(texts)),
         "manifest": str(manifest.root / VariantsManifest.FILE),
+        "sets": {name: len(frame) for name, frame in sets.items()},
         "entries": entries,
     }
     report.add_ratios(results, BASELINE_A, BASELINE_B)
     report.mark_pareto(results)
-    results["selection"] = select(entries, config.budget)
+    results["selection"] = select(entries, config.budget, ["validation", *config.eval_sets])
     if "offline" in config.scenarios and 32 in config.offline_batches:
         results["int8_efficiency"] = _int8_efficiency(results, records, texts, threads)
     (out / "report.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -346,34 +385,125 @@ def _sweep(entries, engines, config: PerfConfig, variant_dir: Path) -> None:
         entry["sweep"] = result
 
 
-def select(entries: list[dict], budget: float) -> dict:
-    """The fastest variant (SingleStream p50) within ``budget`` x onnx-fp32's test accuracy.
+def load_eval_set(path: Path, name: str, label_names: list[str]):
+    """An extra labelled set: a DataFrame of ``text`` and ``label`` strings, labels among ``label_names``.
 
-    onnx-fp32 meets any budget <= 1 by definition; if no other variant does, it is chosen
-    with a warning, since then nothing was gained.
+    Read like training data (train/sources.py: CSV/TSV/JSONL, .gz/.bz2, no implicit missing
+    values); rows with an empty text or label are dropped and counted on stderr.
+
+    Raises:
+        UserError: unreadable file, no ``text``/``label`` column, no rows, or a label the model lacks.
+    """
+    import pandas as pd
+
+    source = read_source(DataSpec(source=str(path)))
+    frame = pd.concat(source.parts.values(), ignore_index=True)[["text", "label"]]
+    keep = frame["text"].map(lambda t: bool(t and t.strip())) & frame["label"].notna()
+    if (~keep).any():
+        print(f"--eval-set {name}: dropped {int((~keep).sum())} rows with an empty text or label", file=sys.stderr)
+    frame = frame[keep].reset_index(drop=True)
+    if frame.empty:
+        raise UserError(f"--eval-set {name}: {path} has no rows with both a text and a label")
+    unknown = sorted(set(frame["label"]) - set(label_names))
+    if unknown:
+        raise UserError(
+            f"--eval-set {name}: labels {', '.join(map(repr, unknown))} are not the model's "
+            f"({', '.join(map(repr, label_names))})"
+        )
+    return frame
+
+
+def _score_entries(entries: list[dict], engines: dict, sets: dict, label_names: list[str], seed: int) -> None:
+    """``entry["accuracy"][set]`` (score() of every set) and ``entry["paired"][set]`` (difference to onnx-fp32).
+
+    The paired differences use the same bootstrap resamples (one ``seed``) for every entry.
+    """
+    right: dict[str, dict[str, np.ndarray]] = {}
+    truth = {name: np.array([label_names.index(x) for x in frame["label"]]) for name, frame in sets.items()}
+    for entry in tqdm(entries, desc="accuracy"):
+        entry["accuracy"], right[entry["name"]] = {}, {}
+        for name, frame in sets.items():
+            logits = engines[entry["name"]].logits(frame["text"].tolist())
+            entry["accuracy"][name] = score(logits, frame["label"].tolist(), label_names)
+            right[entry["name"]][name] = np.asarray(logits).argmax(axis=1) == truth[name]
+    for entry in entries:
+        entry["paired"] = {
+            name: stats.paired_difference(right[entry["name"]][name], right["onnx-fp32"][name], seed=seed)
+            for name in sets
+        }
+
+
+def select(entries: list[dict], budget: float, sets: list[str]) -> dict:
+    """The serving choice, decided on ``sets`` (validation and the extra sets; never test).
+
+    The rule, for a budget b and each set s, with onnx-fp32's accuracy A_s on s, the budget
+    line L_s = b x A_s, and a variant's paired difference to onnx-fp32 d_s with its 95 %
+    bootstrap interval [lo_s, hi_s] (perf/stats.py):
+
+    1. Within budget: accuracy >= L_s on every set (the point estimate).
+    2. Resolved: the whole interval clears the line, A_s + lo_s >= L_s on every set: the split
+       is large enough to tell that the variant keeps the budget.
+    3. The fastest resolved variant (SingleStream p50) is selected; onnx-fp32 always is one (its
+       difference to itself is 0).  When a faster variant is within budget but not resolved,
+       the split cannot tell whether it keeps the budget: ``resolved`` is False, the report
+       says which variant and why, and the pick falls back to the fastest resolved one, never
+       a noisy pick presented as a win.
+
+    Without timings (no SingleStream), the most accurate on the first set stands in for fastest.
+
+    Returns:
+        ``{"variant", "rule", "budget", "sets", "lines", "reference_accuracy", "within_budget",
+        "resolved_variants", "resolved", "unresolved_faster", "budget_met", "by"}``.
+
+    Raises:
+        UserError: onnx-fp32 is not among ``entries``.
     """
     variants = [e for e in entries if e["kind"] == "variant"]
     reference = next((e for e in variants if e["name"] == "onnx-fp32"), None)
     if reference is None:
         raise UserError("onnx-fp32 is not among the valid variants; the accuracy budget is relative to it")
-    floor = budget * reference["accuracy"]["accuracy"]
+    ref = {s: reference["accuracy"][s]["accuracy"] for s in sets}
+    lines = {s: budget * ref[s] for s in sets}
+    tol = 1e-12
+
+    def within(e: dict) -> bool:
+        return all(e["accuracy"][s]["accuracy"] >= lines[s] - tol for s in sets)
+
+    def resolved(e: dict) -> bool:
+        return all(ref[s] + e["paired"][s]["low"] >= lines[s] - tol for s in sets)
+
     timed = all("single_stream" in e for e in variants)
-    eligible = [e for e in variants if e is not reference and e["accuracy"]["accuracy"] >= floor - 1e-12]
-    if not eligible:
+    key = (lambda e: e["single_stream"]["p50_ms"]) if timed else (lambda e: -e["accuracy"][sets[0]]["accuracy"])
+    candidates = sorted((e for e in variants if within(e)), key=key)
+    proven = [e for e in candidates if resolved(e)]
+    chosen = proven[0] if proven else reference
+    unresolved = [e["name"] for e in candidates if not resolved(e) and key(e) < key(chosen)]
+    if unresolved:
+        example = next(e for e in candidates if e["name"] == unresolved[0])
+        s = next(s for s in sets if ref[s] + example["paired"][s]["low"] < lines[s] - tol)
+        p = example["paired"][s]
         print(
-            f"warning: no variant keeps {budget:.0%} of onnx-fp32's test accuracy; serving onnx-fp32", file=sys.stderr
+            f"warning: {s} ({p['n']:,} sentences) cannot resolve the {budget:.0%} budget for {example['name']}: "
+            f"paired difference to onnx-fp32 {p['difference'] * 100:+.2f} points, 95 % interval "
+            f"[{p['low'] * 100:+.2f}, {p['high'] * 100:+.2f}], budget line {(lines[s] - ref[s]) * 100:+.2f}; "
+            f"selected {chosen['name']}, the fastest variant whose interval clears the line",
+            file=sys.stderr,
         )
-        chosen, met = reference, False
-    else:
-        key = (lambda e: e["single_stream"]["p50_ms"]) if timed else (lambda e: -e["accuracy"]["accuracy"])
-        chosen, met = min(eligible + [reference], key=key), True
+    if len(candidates) == 1:
+        print(f"warning: no variant keeps {budget:.0%} of onnx-fp32's accuracy; serving onnx-fp32", file=sys.stderr)
     return {
         "variant": chosen["name"],
+        "rule": "fastest variant whose 95 % paired interval to onnx-fp32 clears budget x onnx-fp32's accuracy "
+        "on every selection set (test held out)",
         "budget": budget,
-        "accuracy_floor": round(floor, 5),
-        "budget_met": met,
-        "reference_accuracy": reference["accuracy"]["accuracy"],
-        "eligible": [reference["name"]] + [e["name"] for e in eligible],
+        "sets": list(sets),
+        "lines": {s: round(v, 5) for s, v in lines.items()},
+        "reference_accuracy": ref,
+        "within_budget": [e["name"] for e in candidates],
+        "resolved_variants": [e["name"] for e in proven],
+        "resolved": not unresolved,
+        "unresolved_faster": unresolved,
+        "budget_met": len(candidates) > 1,
         "by": "single_stream_p50" if timed else "accuracy",
     }
 
@@ -381,8 +511,15 @@ def select(entries: list[dict], budget: float) -> dict:
 def _write_selection(selection: dict, manifest: VariantsManifest, entries: list[dict], path: Path) -> None:
     """The selection file: the variant, its manifest by relative path and sha256, the rule, the figures."""
     measured = next(e for e in entries if e["name"] == selection["variant"])
+
+    def on(name: str) -> dict:
+        keep = ("accuracy", "macro_f1")
+        return {**{k: measured["accuracy"][name][k] for k in keep}, "paired_to_onnx_fp32": measured["paired"][name]}
+
     figures = {
-        k: measured[k] for k in ("accuracy", "single_stream", "offline", "memory", "speedup", "bytes") if k in measured
+        "selection_sets": {name: on(name) for name in selection["sets"]},  # what the choice was made on
+        "held_out": {name: on(name) for name in measured["accuracy"] if name not in selection["sets"]},  # test
+        **{k: measured[k] for k in ("single_stream", "offline", "memory", "speedup", "bytes") if k in measured},
     }
     manifest_file = manifest.root / VariantsManifest.FILE
     rule = {k: v for k, v in selection.items() if k != "variant"}
@@ -459,7 +596,10 @@ def _method_text(config: PerfConfig, n_texts: int) -> str:
         f"each round. Offline: the whole test split per batch size, median of {config.rounds} rounds, "
         f"{'length-sorted' if config.bucketing else 'in test order'}, padding per batch. "
         "Shape sweep: synthetic tokens, model only, median of >= 3 calls per shape. "
-        "Memory: peak RSS of a fresh process that loads the entry and runs it."
+        "Memory: peak RSS of a fresh process that loads the entry and runs it. "
+        "Model MB: the model.onnx file (baseline-pipeline: its safetensors weights). "
+        f"Accuracy intervals: paired bootstrap of the difference to onnx-fp32, {stats.RESAMPLES:,} resamples, "
+        f"seed {config.seed}, 95 % percentile interval."
     )
 
 

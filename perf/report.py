@@ -39,26 +39,51 @@ def pareto_front(points: list[tuple[str, float, float]]) -> set[str]:
     return front
 
 
+HELD_OUT = "test"  # the split the report shows as the result: never used to select
+
+
 def mark_pareto(results: dict) -> None:
+    """``entry["pareto"]``: on the front of SingleStream p50 against held-out (test) accuracy."""
     timed = [e for e in results["entries"] if "single_stream" in e]
-    front = pareto_front([(e["name"], e["single_stream"]["p50_ms"], e["accuracy"]["accuracy"]) for e in timed])
+    front = pareto_front([(e["name"], e["single_stream"]["p50_ms"], _acc(e)) for e in timed])
     for entry in results["entries"]:
         entry["pareto"] = entry["name"] in front
 
 
+def _acc(entry: dict, name: str = HELD_OUT) -> float:
+    return entry["accuracy"][name]["accuracy"]
+
+
+def _paired(entry: dict, name: str) -> str:
+    """The paired difference to onnx-fp32 in accuracy points, with its 95 % interval."""
+    p = entry.get("paired", {}).get(name)
+    if p is None:
+        return ""
+    if p["discordant"] == 0:
+        return "same answers"
+    return f"{p['difference'] * 100:+.2f} [{p['low'] * 100:+.2f}, {p['high'] * 100:+.2f}]"
+
+
 def markdown_table(results: dict) -> str:
+    """One row per entry: accuracy on every scored set with the paired difference to onnx-fp32, size, speed."""
     offline_batches = [str(b) for b in results["config"]["offline_batches"]]
-    head = ["entry", "test acc", "macro-F1", "MB", "p50 ms", "p90 ms", "p99 ms", "p50 vs a", "p50 vs b"]
-    head += [f"b{b} sent/s" for b in offline_batches] + ["peak RSS MB", "Pareto"]
+    sets = list(results["sets"])
+    head = ["entry"]
+    for name in sets:
+        head += [f"{name} acc", f"{name} vs fp32, points [95 % CI]"]
+    head += [f"{HELD_OUT} macro-F1", "model MB", "p50 ms", "p90 ms", "p99 ms", "p50 vs a", "p50 vs b"]
+    head += [f"b{b} sent/s" for b in offline_batches] + ["peak RSS MB", "batch-invariant", "Pareto"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     selected = results.get("selection", {}).get("variant")
     for e in results["entries"]:
         ss, sp = e.get("single_stream", {}), e.get("speedup", {})
         name = f"**{e['name']}** (selected)" if e["name"] == selected else e["name"]
-        cells = [
-            name,
-            f"{e['accuracy']['accuracy']:.4f}",
-            f"{e['accuracy']['macro_f1']:.4f}",
+        cells = [name]
+        for s in sets:
+            cells += [f"{_acc(e, s):.4f}", _paired(e, s)]
+        invariance = e.get("batch_invariance")
+        cells += [
+            f"{e['accuracy'][HELD_OUT]['macro_f1']:.4f}",
             f"{e['bytes'] / 1e6:.1f}",
             _f(ss.get("p50_ms")),
             _f(ss.get("p90_ms")),
@@ -67,20 +92,26 @@ def markdown_table(results: dict) -> str:
             _x(sp.get("single_stream_p50_vs_b")),
         ]
         cells += [_f(e.get("offline", {}).get(b, {}).get("sentences_per_s"), 0) for b in offline_batches]
-        cells += [_f(e.get("memory", {}).get("peak_rss_mb"), 0), "yes" if e.get("pareto") else ""]
+        cells += [_f(e.get("memory", {}).get("peak_rss_mb"), 0)]
+        if invariance is None:
+            cells.append("")
+        else:
+            flips = f", {invariance['label_flips']} flips" if invariance.get("label_flips") else ""
+            cells.append(f"{'yes' if invariance['invariant'] else 'no'} ({invariance['max_abs_prob_diff']:.0e}{flips})")
+        cells.append("yes" if e.get("pareto") else "")
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
 def per_class_table(results: dict) -> str:
     """Test F1 of every class (columns) for every entry (rows); empty without per-class scores."""
-    entries = [e for e in results["entries"] if "per_class" in e["accuracy"]]
+    entries = [e for e in results["entries"] if "per_class" in e["accuracy"][HELD_OUT]]
     if not entries:
         return ""
-    classes = list(entries[0]["accuracy"]["per_class"])
+    classes = list(entries[0]["accuracy"][HELD_OUT]["per_class"])
     rows = ["| entry | " + " | ".join(classes) + " |", "|" + "---|" * (len(classes) + 1)]
     for e in entries:
-        per_class = e["accuracy"]["per_class"]
+        per_class = e["accuracy"][HELD_OUT]["per_class"]
         rows.append(f"| {e['name']} | " + " | ".join(f"{per_class[c]['f1']:.4f}" for c in classes) + " |")
     return "\n".join(rows)
 
@@ -127,10 +158,7 @@ def markdown(results: dict) -> str:
         "",
         markdown_table(results),
         "",
-        f"Selected: **{sel['variant']}**: fastest SingleStream p50 among variants with test accuracy >= "
-        f"{sel['budget']} x onnx-fp32 ({sel['reference_accuracy']:.4f}) = {sel['accuracy_floor']:.4f}"
-        + ("" if sel["budget_met"] else " (no variant met the budget: onnx-fp32 chosen)")
-        + ".",
+        selection_text(results),
         "",
     ]
     if "achieved_int8_gops" in results.get("int8_efficiency", {}):
@@ -156,7 +184,7 @@ def markdown(results: dict) -> str:
             f"{sel['variant']} (selected) on the test split, per class, and its confusion matrix "
             "(rows: true class, columns: predicted; confusion.png draws it):",
             "",
-            class_report(selected["accuracy"]),
+            class_report(selected["accuracy"][HELD_OUT]),
             "",
         ]
     sweep = sweep_table(results)
@@ -165,36 +193,86 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def selection_text(results: dict) -> str:
+    """How the variant was chosen, on which sets, and what the sets could not resolve."""
+    sel = results["selection"]
+    sizes = results["sets"]
+    lines_text = ", ".join(
+        f"{s} ({sizes[s]:,} sentences): {sel['budget']} x {sel['reference_accuracy'][s]:.4f} = {sel['lines'][s]:.4f}"
+        for s in sel["sets"]
+    )
+    text = (
+        f"Selected: **{sel['variant']}**, the fastest variant (SingleStream p50) whose 95 % paired bootstrap "
+        f"interval to onnx-fp32 lies above the budget line on every selection set ({lines_text}). "
+        f"{HELD_OUT.capitalize()} ({sizes[HELD_OUT]:,} sentences) was not used to select: its figures are held out. "
+        f"Within budget on the point estimate: {', '.join(sel['within_budget'])}; resolved (whole interval above "
+        f"the line): {', '.join(sel['resolved_variants'])}."
+    )
+    if sel["unresolved_faster"]:
+        text += (
+            f" Not resolved: {', '.join(sel['unresolved_faster'])} (faster, within budget on the point estimate, "
+            "but the interval reaches below the line: the selection sets are too small to tell whether it keeps "
+            "the budget, so it was not chosen)."
+        )
+    if not sel["budget_met"]:
+        text += " No variant met the budget: onnx-fp32 chosen."
+    return text
+
+
 def plot(results: dict, path: Path) -> None:
+    """Held-out (test) accuracy against SingleStream p50, error bars from the paired interval to onnx-fp32.
+
+    The selected point is a star; labels of points that would overlap are stacked.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    entries = [e for e in results["entries"] if "single_stream" in e]
-    fig, ax = plt.subplots(figsize=(8, 5))
+    entries = sorted((e for e in results["entries"] if "single_stream" in e), key=lambda e: -_acc(e))
+    reference = next(e for e in results["entries"] if e["name"] == "onnx-fp32")
+    selected = results["selection"]["variant"]
+    fig, ax = plt.subplots(figsize=(9, 5.5))
     for e in entries:
+        x, y = e["single_stream"]["p50_ms"], _acc(e)
         color = "tab:gray" if e["kind"] == "baseline" else ("tab:red" if e["pareto"] else "tab:blue")
-        ax.scatter(e["single_stream"]["p50_ms"], e["accuracy"]["accuracy"], color=color, s=50, zorder=3)
-        ax.annotate(
-            e["name"],
-            (e["single_stream"]["p50_ms"], e["accuracy"]["accuracy"]),
-            textcoords="offset points",
-            xytext=(5, 5),
-            fontsize=8,
-        )
-    front = sorted((e["single_stream"]["p50_ms"], e["accuracy"]["accuracy"]) for e in entries if e["pareto"])
+        p = e.get("paired", {}).get(HELD_OUT)
+        if p and p["discordant"]:
+            low, high = _acc(reference) + p["low"], _acc(reference) + p["high"]
+            ax.errorbar(x, y, yerr=[[max(y - low, 0)], [max(high - y, 0)]], color=color, lw=1, capsize=3, zorder=2)
+        marker, size = ("*", 220) if e["name"] == selected else ("o", 50)
+        ax.scatter(x, y, color=color, marker=marker, s=size, zorder=3, edgecolors="black" if marker == "*" else None)
+    ax.set_xscale("log")
+    ax.autoscale_view()
+    # Labels go right of their point, moved up or down until their boxes (display pixels, ~6 px per
+    # character at 8 pt) overlap no label placed before: tied or close points stay readable.
+    placed: list[tuple[float, float, float, float]] = []
+    for e in sorted(entries, key=lambda e: e["single_stream"]["p50_ms"]):
+        x, y = e["single_stream"]["p50_ms"], _acc(e)
+        px, py = ax.transData.transform((x, y))
+        label = e["name"] + (" (selected)" if e["name"] == selected else "")
+        width, height = 6.0 * len(label), 11.0
+        for offset in (4, -14, 16, -26, 28, -38, 40, -50, 52, -62):
+            box = (px + 6, py + offset, px + 6 + width, py + offset + height)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                break
+        placed.append(box)
+        leader = {"arrowprops": {"arrowstyle": "-", "lw": 0.5, "color": "gray"}} if offset != 4 else {}
+        ax.annotate(label, (x, y), textcoords="offset pixels", xytext=(6, offset), fontsize=8, **leader)
+    front = sorted((e["single_stream"]["p50_ms"], _acc(e)) for e in entries if e["pareto"])
     if front:
         ax.step(
             [p[0] for p in front], [p[1] for p in front], where="post", color="tab:red", lw=1.2, label="Pareto front"
         )
-    floor = results["selection"]["accuracy_floor"]
-    ax.axhline(floor, color="tab:green", ls="--", lw=1, label=f"budget: {results['selection']['budget']} x onnx-fp32")
-    ax.set_xscale("log")
+    budget = results["selection"]["budget"]
+    ax.axhline(budget * _acc(reference), color="tab:green", ls="--", lw=1, label=f"{budget} x onnx-fp32 ({HELD_OUT})")
     ax.set_xlabel("SingleStream p50 latency, ms (log scale; tokenization included)")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(f"{HELD_OUT} accuracy (held out); bars: 95 % paired interval to onnx-fp32")
+    sizes = ", ".join(f"{n:,} {name}" for name, n in results["sets"].items())
     ax.set_title(
-        f"Latency vs accuracy, {results['machine']['threads']} threads, {results['machine']['cpu']}", fontsize=9
+        f"Latency vs accuracy; selected on {' + '.join(results['selection']['sets'])}; sentences: {sizes}\n"
+        f"{results['machine']['threads']} threads, {results['machine']['cpu']}",
+        fontsize=9,
     )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
@@ -220,7 +298,7 @@ def plot_confusion(results: dict, path: Path) -> None:
     import numpy as np
 
     name = results["selection"]["variant"]
-    confusion = next(e for e in results["entries"] if e["name"] == name)["accuracy"]["confusion_matrix"]
+    confusion = next(e for e in results["entries"] if e["name"] == name)["accuracy"][HELD_OUT]["confusion_matrix"]
     labels, counts = confusion["labels"], np.array(confusion["matrix"])
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     size = 2.5 + 0.7 * len(labels)

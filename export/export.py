@@ -429,12 +429,18 @@ def _publish(staging: Path, out: Path) -> None:
 
 
 def _print_summary(records: dict[str, VariantRecord], manifest: VariantsManifest) -> None:
-    print(f"{'variant':14} {'status':7} {'test acc':>8} {'macro-F1':>8} {'MB':>6}  test F1 per class")
+    print(
+        f"{'variant':18} {'status':7} {'test acc':>8} {'macro-F1':>8} {'MB':>6} {'max|dprob|':>10} {'flips':>5}  "
+        "test F1 per class"
+    )
     for v in manifest.variants:
-        test = records[v.name].metrics["test"] if v.name in records else {}
+        record = records.get(v.name)
+        test = record.metrics["test"] if record else {}
+        inv = (record and record.batch_invariance) or {}
         print(
-            f"{v.name:14} {v.status:7} {test.get('accuracy', float('nan')):8.4f} "
-            f"{test.get('macro_f1', float('nan')):8.4f} {sum(f['bytes'] for f in v.files.values()) / 1e6:6.1f}  "
+            f"{v.name:18} {v.status:7} {test.get('accuracy', float('nan')):8.4f} "
+            f"{test.get('macro_f1', float('nan')):8.4f} {sum(f['bytes'] for f in v.files.values()) / 1e6:6.1f} "
+            f"{inv.get('max_abs_prob_diff', float('nan')):10.2e} {inv.get('label_flips', '-'):>5}  "
             f"{per_class_f1_text(test)}"
         )
 

@@ -1,8 +1,9 @@
-"""How a variant is judged: scores, the numerical check, and the PyTorch reference logits.
+"""How a variant is judged: scores, the numerical check, batch invariance, and the PyTorch reference logits.
 
 ``score`` (train/scoring.py: accuracy, macro-F1, per-class scores, confusion matrix) and
 ``numeric_check`` need only numpy and scikit-learn, so perf/ can score ONNX engines without
-importing torch; the reference functions import torch when called.
+importing torch; ``batch_invariance`` runs a variant's serving classifier; the reference
+functions import torch when called.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from serve.classifier import OnnxClassifier, softmax
 from train.scoring import score
 
 # Numerical check tolerances per kind of variant, against the PyTorch model it came from.
@@ -39,6 +41,77 @@ def numeric_check(logits: np.ndarray, reference: np.ndarray, tolerance: dict) ->
         "passed": bool(agreement >= tolerance["min_label_agreement"] and max_diff <= tolerance["max_abs_logit_diff"]),
         "samples": int(len(logits)),
     }
+
+
+# A served answer must not depend on what shares its model call: fp32 reorderings move
+# probabilities by ~1e-7; dynamic int8 (activation scales over the whole batch) by up to 0.2.
+INVARIANCE_TOLERANCE = 1e-4
+
+
+def batch_invariance(
+    classifier: OnnxClassifier,
+    texts: list[str],
+    seed: int,
+    max_texts: int = 256,
+    neighbours: int = 7,
+    tolerance: float = INVARIANCE_TOLERANCE,
+) -> dict:
+    """Whether each text gets the same probabilities alone as inside batches of other texts.
+
+    Up to ``max_texts`` of ``texts`` (a sample fixed by ``seed``) each run alone (batch of
+    1), then in two arrangements, each covering every text once: random batches of
+    ``neighbours + 1`` texts (different lengths and neighbours), and ``neighbours`` texts
+    beside one long text of ``classifier.max_length`` tokens (made of the texts themselves),
+    so that most of the batch is padding.  The same texts and seed give the same figures.
+
+    Returns ``{"texts", "batches" (mixed model calls), "max_abs_prob_diff" (max over texts,
+    arrangements and classes of |p batched - p alone|, probability units), "label_flips"
+    (texts whose label differs in some arrangement), "invariant" (max_abs_prob_diff <=
+    tolerance), "tolerance"}``.  Raises ValueError when ``texts`` is empty.
+    """
+    if not texts:
+        raise ValueError("batch invariance needs at least one text")
+    rng = np.random.default_rng(seed)
+    picks = sorted(rng.choice(len(texts), size=min(max_texts, len(texts)), replace=False))
+    texts = [texts[i] for i in picks]
+    alone = np.concatenate([_probs(classifier, [t]) for t in texts])  # [n, labels] float32
+    long_text = _long_text(classifier, texts)
+    worst = np.zeros(len(texts), dtype=np.float64)
+    flipped = np.zeros(len(texts), dtype=bool)
+    batches = 0
+    for with_long in (False, True):
+        order = rng.permutation(len(texts))
+        size = neighbours if with_long else neighbours + 1
+        for start in range(0, len(texts), size):
+            idx = order[start : start + size]
+            batch = [texts[i] for i in idx] + ([long_text] if with_long else [])
+            probs = _probs(classifier, batch)[: len(idx)]
+            worst[idx] = np.maximum(worst[idx], np.abs(probs - alone[idx]).max(axis=1))
+            flipped[idx] |= probs.argmax(axis=1) != alone[idx].argmax(axis=1)
+            batches += 1
+    max_diff = float(worst.max())
+    return {
+        "texts": len(texts),
+        "batches": batches,
+        "max_abs_prob_diff": max_diff,
+        "label_flips": int(flipped.sum()),
+        "invariant": max_diff <= tolerance,
+        "tolerance": tolerance,
+    }
+
+
+def _probs(classifier: OnnxClassifier, texts: list[str]) -> np.ndarray:
+    return softmax(classifier.logits(classifier.encode(texts)))
+
+
+def _long_text(classifier: OnnxClassifier, texts: list[str]) -> str:
+    """The texts joined until they fill ``max_length`` tokens (a long review next to short ones)."""
+    joined = ""
+    for text in texts * classifier.max_length:  # each text gives at least one token
+        joined = f"{joined} {text}".strip()
+        if len(classifier.tokenize([joined])[0].ids) >= classifier.max_length:
+            break
+    return joined
 
 
 @dataclass

@@ -10,15 +10,17 @@ manifest, compute the PyTorch reference logits, then build each recipe in order
   int8-static   ORTQuantizer static int8, calibrated on training sentences
   pruned-fp32   heads and FFN neurons removed, recovered by distillation (prune.py), exported
   pruned-int8   the pruned model, O2 fused, dynamic int8
+  pruned-int8-static  the pruned model, static int8 (batch-invariant, unlike dynamic int8)
   pruned-l3-*   the same after dropping half the layers (6 -> 3): much faster at batch 1
 
 Every variant is compared with the PyTorch model it came from on the validation split
 (label agreement, max |logit difference|, a tolerance per kind, export/evaluate.py) and
-scored on validation and test.  Its record (``variant.json``) travels with it; the
-manifest lists every variant with its status and file hashes.  A variant that fails its
-check is marked failed, one whose recipe does not apply to the model's encoder family
-(serve/families.py) skipped, each with the reason; perf/ and serve/ only ever use variants
-whose status is "ok".
+scored on validation and test; one that passes is measured for batch invariance (the same
+validation texts alone and in mixed batches: does a text's answer depend on its neighbours?).
+Its record (``variant.json``) travels with it; the manifest lists every variant with its
+status and file hashes.  A variant that fails its check is marked failed, one whose recipe
+does not apply to the model's encoder family (serve/families.py) skipped, each with the
+reason; perf/ and serve/ only ever use variants whose status is "ok".
 
     python -m export --help
 """
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import Literal
 
 from export import machine
-from export.evaluate import TOLERANCES, Reference, numeric_check, score, torch_reference
+from export.evaluate import TOLERANCES, Reference, batch_invariance, numeric_check, score, torch_reference
 from export.recipes import RECIPES, Built, Context, NotApplicable, Recipe
 from serve import families
 from serve.classifier import OnnxClassifier, batched_logits
@@ -57,6 +59,7 @@ from train.data import DataSpec, Splits, check_rebuilt, load_splits, spec_from_d
 from train.scoring import per_class_f1_text
 
 BY_NAME = {r.name: r for r in RECIPES}
+INVARIANCE_TEXTS = 256  # validation sentences measured alone and in mixed batches (a few seconds per variant)
 
 
 @dataclass(frozen=True)
@@ -269,6 +272,8 @@ class Build:
                 "test": score(test_logits, test["label"].tolist(), labels),
             },
         )
+        if check["passed"]:
+            record.batch_invariance = self._invariance(target, record)
         write(target / VariantRecord.FILE, record)
         self.records[recipe.name] = record
         entry.files = describe_files(target)
@@ -281,6 +286,21 @@ class Build:
             f"model.onnx {entry.files['model.onnx']['bytes'] / 1e6:.1f} MB, built in {seconds} s",
             flush=True,
         )
+
+    def _invariance(self, target: Path, record: VariantRecord) -> dict:
+        """Batch invariance of the variant as served (its own classifier, one thread), printed in one line."""
+        ctx = self.ctx
+        started = time.perf_counter()
+        clf = OnnxClassifier.load(target, record, threads=1, device="cuda" if ctx.cuda else "cpu")
+        result = batch_invariance(clf, ctx.splits.validation["text"].tolist(), ctx.config.seed, INVARIANCE_TEXTS)
+        print(
+            f"[{record.name}] batch invariance: {result['texts']} texts alone and in {result['batches']} mixed "
+            f"batches, max|dprob| {result['max_abs_prob_diff']:.2e}, {result['label_flips']} label flips: "
+            f"{'invariant' if result['invariant'] else 'NOT invariant'} (tolerance {result['tolerance']:g}), "
+            f"{time.perf_counter() - started:.1f} s",
+            flush=True,
+        )
+        return result
 
     def _lineage(self, recipe: Recipe, what: str):
         """The nearest ``reference`` or ``pruning`` along the recipe's sources (the fine-tuned model's at the root)."""
@@ -409,12 +429,18 @@ def _publish(staging: Path, out: Path) -> None:
 
 
 def _print_summary(records: dict[str, VariantRecord], manifest: VariantsManifest) -> None:
-    print(f"{'variant':14} {'status':7} {'test acc':>8} {'macro-F1':>8} {'MB':>6}  test F1 per class")
+    print(
+        f"{'variant':18} {'status':7} {'test acc':>8} {'macro-F1':>8} {'MB':>6} {'max|dprob|':>10} {'flips':>5}  "
+        "test F1 per class"
+    )
     for v in manifest.variants:
-        test = records[v.name].metrics["test"] if v.name in records else {}
+        record = records.get(v.name)
+        test = record.metrics["test"] if record else {}
+        inv = (record and record.batch_invariance) or {}
         print(
-            f"{v.name:14} {v.status:7} {test.get('accuracy', float('nan')):8.4f} "
-            f"{test.get('macro_f1', float('nan')):8.4f} {sum(f['bytes'] for f in v.files.values()) / 1e6:6.1f}  "
+            f"{v.name:18} {v.status:7} {test.get('accuracy', float('nan')):8.4f} "
+            f"{test.get('macro_f1', float('nan')):8.4f} {sum(f['bytes'] for f in v.files.values()) / 1e6:6.1f} "
+            f"{inv.get('max_abs_prob_diff', float('nan')):10.2e} {inv.get('label_flips', '-'):>5}  "
             f"{per_class_f1_text(test)}"
         )
 

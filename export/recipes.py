@@ -567,6 +567,15 @@ RECIPES: tuple[Recipe, ...] = (
         {"keep_layers": None},
     ),
     Recipe("pruned-int8", "int8", "pruned-fp32", "pruned-fp32, O2 fused, dynamic int8", fuse_and_quantize),
+    # Fixed activation ranges: a text's answer does not depend on its batch, unlike dynamic int8's
+    # (export.evaluate.batch_invariance), so a batching service can serve it batched.
+    Recipe(
+        "pruned-int8-static",
+        "int8",
+        "pruned-fp32",
+        "pruned-fp32, static int8 (QDQ MatMuls), ranges calibrated on training data",
+        quantize_static,
+    ),
     Recipe(
         "pruned-l3-fp32",
         "fp32",

@@ -31,6 +31,7 @@ import numpy as np
 
 from serve import metrics
 from serve.classifier import OnnxClassifier, softmax
+from serve.contract import VariantRecord
 
 logger = logging.getLogger("trimserve.batching")
 
@@ -164,6 +165,22 @@ class Batcher:
             for (j, i, _), row in zip(chunk, chunk_probs, strict=True):
                 probs[j][i] = row
         return probs
+
+
+def may_share_calls(record: VariantRecord) -> tuple[bool, str]:
+    """Whether the variant's texts may share model calls, and why, for the start-up log.
+
+    A variant whose answers move with their batch (export/ measured ``batch_invariance``:
+    dynamic int8 computes its activation scales over the whole call) is run one text per
+    model call, so a request's answer never depends on concurrent traffic.  A record without
+    the measurement (an older export) keeps batching, and the reason says it was not measured.
+    """
+    inv = record.batch_invariance
+    if inv is None:
+        return True, "batch invariance not measured (exported before trimserve recorded it)"
+    if not inv["invariant"]:
+        return False, f"not batch-invariant (max |dprob| {inv['max_abs_prob_diff']:.2g}): one text per model call"
+    return True, f"batch-invariant (max |dprob| {inv['max_abs_prob_diff']:.2g})"
 
 
 def chunk_bounds(

@@ -248,6 +248,10 @@ class VariantRecord(Record):
     provider: str  # ONNX Runtime execution provider the check ran on
     build_seconds: float
     pruning: dict | None = None  # what structure was removed (pruned recipes only)
+    # Whether a text's probabilities depend on what shares its model call (export.evaluate.batch_invariance):
+    # {"texts", "batches", "max_abs_prob_diff", "label_flips", "invariant", "tolerance"}; None: not measured
+    # (records written before it was).  serve/ runs a variant that is not invariant one text per model call.
+    batch_invariance: dict | None = None
 
 
 @dataclass

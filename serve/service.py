@@ -37,7 +37,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 
 from serve import metrics
 from serve.auth import KeyStore, RateLimiter
-from serve.batching import Batcher, Engine
+from serve.batching import Batcher, Engine, may_share_calls
 from serve.classifier import OnnxClassifier
 from serve.config import ServeConfig, available_cores, check_device, gpu_of_worker, resolve_variant
 from serve.contract import MODEL_FILE, UserError
@@ -62,6 +62,9 @@ except UserError as err:  # one line and exit status 2, as every stage's CLI ans
     sys.exit(2)
 
 ENGINE = Engine()  # filled in each worker by Classifier.__init__, served from by the gate
+# A variant whose answers depend on their batch neighbours runs one text per model call, on both paths.
+INVARIANT, INVARIANCE_NOTE = may_share_calls(VARIANT.record)
+BATCHING = CONFIG.batching and INVARIANT
 
 
 def _not_blank(text: str) -> str:
@@ -125,10 +128,10 @@ class Classifier:
         ENGINE.classifier = self.model
         ENGINE.batcher = Batcher(
             self.model,
-            CONFIG.max_batch_size if CONFIG.batching else 1,
+            CONFIG.max_batch_size if BATCHING else 1,
             CONFIG.max_batch_tokens,
             CONFIG.max_latency_ms / 1e3,
-            merge=CONFIG.batching,
+            merge=BATCHING,
             max_padding=CONFIG.max_padding,
         )
         metrics.MODEL_INFO.labels(variant=VARIANT.name, sha256=VARIANT.model_sha256).set(1)
@@ -136,7 +139,7 @@ class Classifier:
         metrics.THREADS.labels(source="cores").set(cores)
         logger.info(
             "loaded %s (%d files sha256-verified, max_length %d) on %s with %d ONNX Runtime threads "
-            "(%d cores from %s) in %.2f s; worker %s of %d, batches of up to %d texts",
+            "(%d cores from %s) in %.2f s; worker %s of %d, %s",
             VARIANT.name,
             VARIANT.files,
             VARIANT.record.max_length,
@@ -147,7 +150,7 @@ class Classifier:
             time.perf_counter() - start,
             worker or 1,
             CONFIG.workers,
-            CONFIG.max_batch_size,
+            _batching_note(),
         )
 
     @bentoml.on_startup
@@ -169,7 +172,7 @@ class Classifier:
         return ENGINE.ready
 
     @bentoml.api(
-        batchable=CONFIG.batching,
+        batchable=BATCHING,
         batch_dim=0,
         max_batch_size=CONFIG.max_batch_size,
         max_latency_ms=CONFIG.max_latency_ms,
@@ -177,12 +180,24 @@ class Classifier:
     )
     def classify(self, texts: Texts) -> list[Prediction]:
         """Label, its probability and every class probability for each text, in order."""
-        start = time.perf_counter()
-        predictions = self.model.predict(texts)
-        metrics.record_batch(len(texts), time.perf_counter() - start)
+        # not invariant: even a request's own texts run one per call, each answered as if it came alone
+        predictions = []
+        for call in [texts] if INVARIANT else [[text] for text in texts]:
+            start = time.perf_counter()
+            predictions += self.model.predict(call)
+            metrics.record_batch(len(call), time.perf_counter() - start)
         # BentoML only checks the number of requests; a short list would slice silently.
         assert len(predictions) == len(texts), (len(predictions), len(texts))
         return predictions
+
+
+def _batching_note() -> str:
+    """How texts share model calls, and why, for the start-up line."""
+    if not INVARIANT:
+        return INVARIANCE_NOTE  # "not batch-invariant (max |dprob| X): one text per model call"
+    if not BATCHING:
+        return f"one text per model call (TRIMSERVE_BATCHING=0); {INVARIANCE_NOTE}"
+    return f"batches of up to {CONFIG.max_batch_size} texts; {INVARIANCE_NOTE}"
 
 
 class QuietRejections(logging.Filter):

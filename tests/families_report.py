@@ -29,6 +29,7 @@ RECIPES = (
     "int8-static",
     "pruned-fp32",
     "pruned-int8",
+    "pruned-int8-static",
     "pruned-l3-fp32",
     "pruned-l3-int8",
 )

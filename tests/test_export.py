@@ -19,6 +19,7 @@ CPU_RECIPES = {
     "int8-static",
     "pruned-fp32",
     "pruned-int8",
+    "pruned-int8-static",
     "pruned-l3-fp32",
     "pruned-l3-int8",
 }
@@ -47,6 +48,9 @@ def test_manifest_lists_every_recipe_with_checks_and_hashes(manifest, records):
         assert verify_files(manifest.directory(v), v.files) == []
         assert record.labels == ["fresh", "rotten"] and record.max_length == 64 and record.pad_token_id == 0
         assert record.inputs == ["input_ids", "attention_mask", "token_type_ids"]
+        assert record.batch_invariance["texts"] == 128 and record.batch_invariance["tolerance"] == 1e-4
+        if record.precision == "fp32" or record.recipe.get("is_static"):  # fixed arithmetic per text
+            assert record.batch_invariance["invariant"], (v.name, record.batch_invariance)
     sizes = {v.name: v.files["model.onnx"]["bytes"] for v in manifest.variants}
     assert sizes["int8-dynamic"] < sizes["onnx-fp32"] / 3  # int8 weights: about a quarter
     assert sizes["pruned-int8"] < sizes["int8-dynamic"]
@@ -57,6 +61,7 @@ def test_int8_recipes_record_their_configuration(manifest, records):
     assert records["int8-dynamic"].recipe["isa"] == manifest.isa
     assert records["int8-static"].recipe["is_static"] is True
     assert records["int8-static"].recipe["calibration"]["samples"] == 16
+    assert records["pruned-int8-static"].recipe["is_static"] is True and records["pruned-int8-static"].pruning
     assert records["onnx-opt"].recipe["fused_operators"].get("Attention", 0) > 0
 
 

@@ -40,11 +40,12 @@ RECIPES = [
     "int8-static",
     "pruned-fp32",
     "pruned-int8",
+    "pruned-int8-static",
     "pruned-l3-fp32",
     "pruned-l3-int8",
 ]
 # Recipes that do not apply, with a word of the reason the manifest must give.
-SKIPPED = {"deberta-v2": {"int8-static": "subgraphs"}}
+SKIPPED = {"deberta-v2": {"int8-static": "subgraphs", "pruned-int8-static": "subgraphs"}}
 MAX_LENGTH = 48
 TRAIN = {
     "max_train_samples": 512,

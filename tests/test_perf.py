@@ -49,6 +49,7 @@ def test_report_has_every_entry_and_scenario(results):
         "int8-static",
         "pruned-fp32",
         "pruned-int8",
+        "pruned-int8-static",
         "pruned-l3-fp32",
         "pruned-l3-int8",
     }

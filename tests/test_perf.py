@@ -143,6 +143,19 @@ def test_a_split_too_small_to_resolve_the_budget_falls_back(capsys):
     assert "[-3.00, +1.00], budget line -0.80; selected pruned-fp32" in err
 
 
+def test_accepting_unresolved_picks_the_fastest_within_budget_and_says_so(capsys):
+    entries = [
+        _entry("onnx-fp32", 5.0, 0.80),
+        _entry("pruned-fp32", 3.0, 0.80, low=-0.004),
+        _entry("pruned-int8", 1.0, 0.81, low=-0.03),
+    ]
+    chosen = select(entries, 0.99, ["validation"], accept_unresolved=True)
+    assert chosen["variant"] == "pruned-int8" and not chosen["resolved"] and "--accept-unresolved" in chosen["rule"]
+    assert "selected pruned-int8 (--accept-unresolved)" in capsys.readouterr().err
+    entries[2]["paired"]["validation"]["low"] = -0.005  # now shown to keep the budget
+    assert select(entries, 0.99, ["validation"], accept_unresolved=True)["resolved"]
+
+
 def test_the_budget_applies_to_every_selection_set():
     sets = ("validation", "ood")
     entries = [_entry("onnx-fp32", 5.0, 0.80, sets=sets), _entry("int8-dynamic", 2.0, 0.80, sets=sets)]

@@ -16,6 +16,7 @@ from serve.contract import TrainManifest, VariantRecord, VariantsManifest, read
 from train.data import load_splits, spec_from_description
 
 FIELDS = {"texts", "batches", "max_abs_prob_diff", "label_flips", "invariant", "tolerance"}
+pytestmark = pytest.mark.slow  # builds its own int8 export of the tiny model (~25 s)
 
 
 @pytest.fixture(scope="module")

@@ -151,6 +151,10 @@ class PerfConfig:
                 raise UserError(f"--eval-set {item!r} is not valid: expected NAME=PATH")
             if name in sets or name in ("validation", "test", "train"):
                 raise UserError(f"--eval-set {item!r} is not valid: {name!r} is already a set's name")
+            if Path(path).expanduser().is_dir():
+                raise UserError(
+                    f"--eval-set {item!r} is not valid: {path} is a directory; expected a CSV/TSV/JSONL file"
+                )
             if not Path(path).expanduser().is_file():
                 raise UserError(f"--eval-set {item!r} is not valid: no such file {path}")
             sets[name] = Path(path).expanduser()
@@ -254,7 +258,7 @@ def run(config: PerfConfig) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {**machine.describe(), "threads": threads, "ort_spinning": config.spin, "versions": _versions()},
         "config": asdict(config),
-        "method": _method_text(config, len(texts)),
+        "method": _method_text(config, {name: len(frame) for name, frame in sets.items()}),
         "manifest": str(manifest.root / VariantsManifest.FILE),
         "sets": {name: len(frame) for name, frame in sets.items()},
         "entries": entries,
@@ -405,7 +409,14 @@ def load_eval_set(path: Path, name: str, label_names: list[str]):
     """
     import pandas as pd
 
-    source = read_source(DataSpec(source=str(path)))
+    if path.is_dir():
+        raise UserError(f"--eval-set {name}: {path} is a directory; expected a CSV/TSV/JSONL file")
+    try:
+        source = read_source(DataSpec(source=str(path)))
+    except UserError as err:
+        if "has no column" not in str(err):
+            raise
+        raise UserError(f"--eval-set {name}: {path} needs columns named text and label; {err}") from None
     frame = pd.concat(source.parts.values(), ignore_index=True)[["text", "label"]]
     keep = frame["text"].map(lambda t: bool(t and t.strip())) & frame["label"].notna()
     if (~keep).any():
@@ -614,19 +625,34 @@ def _versions() -> dict:
     return {"python": platform.python_version(), **found}
 
 
-def _method_text(config: PerfConfig, n_texts: int) -> str:
+def _method_text(config: PerfConfig, sizes: dict[str, int]) -> str:
+    """What was measured and how, for the scenarios this run ran."""
     per_round = config.single_stream_queries // config.rounds
-    return (
-        f"{n_texts} test sentences. SingleStream: {config.rounds} rounds x {per_round} timed batch-1 queries per entry "
-        f"after {config.warmup} warm-up calls, tokenization included; blocks alternate between entries, order rotated "
-        f"each round. Offline: the whole test split per batch size, median of {config.rounds} rounds, "
-        f"{'length-sorted' if config.bucketing else 'in test order'}, padding per batch. "
-        "Shape sweep: synthetic tokens, model only, median of >= 3 calls per shape. "
-        "Memory: peak RSS of a fresh process that loads the entry and runs it. "
-        "Model MB: the model.onnx file (baseline-pipeline: its safetensors weights). "
-        f"Accuracy intervals: paired bootstrap of the difference to onnx-fp32, {stats.RESAMPLES:,} resamples, "
-        f"seed {config.seed}, 95 % percentile interval."
+    parts = [
+        "Accuracy on " + ", ".join(f"{n:,} {name}" for name, n in sizes.items()) + " sentences; speed on the "
+        f"{sizes['test']:,} test sentences."
+    ]
+    if "single" in config.scenarios:
+        parts.append(
+            f"SingleStream: {config.rounds} rounds x {per_round} timed batch-1 queries per entry after "
+            f"{config.warmup} warm-up calls, tokenization included; blocks alternate between entries, order "
+            "rotated each round."
+        )
+    if "offline" in config.scenarios:
+        parts.append(
+            f"Offline: the whole test split per batch size, median of {config.rounds} rounds, "
+            f"{'length-sorted' if config.bucketing else 'in test order'}, padding per batch."
+        )
+    if "sweep" in config.scenarios:
+        parts.append("Shape sweep: synthetic tokens, model only, median of >= 3 calls per shape.")
+    if "memory" in config.scenarios:
+        parts.append("Memory: peak RSS of a fresh process that loads the entry and runs it.")
+    parts.append(
+        "Model MB: the model.onnx file (baseline-pipeline: its safetensors weights). Accuracy intervals: paired "
+        f"bootstrap of the difference to onnx-fp32, {stats.RESAMPLES:,} resamples, seed {config.seed}, 95 % "
+        "percentile interval."
     )
+    return " ".join(parts)
 
 
 def _r(x: float, digits: int = 3) -> float:

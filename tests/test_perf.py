@@ -199,11 +199,13 @@ def test_eval_set_errors_in_one_line(tmp_path):
     pd.DataFrame([("fine", "fresh"), ("bad", "awful"), ("", "rotten")], columns=["text", "label"]).to_csv(
         good, index=False
     )
+    with pytest.raises(UserError, match=r"is a directory; expected a CSV/TSV/JSONL file"):
+        PerfConfig(eval_set=(f"ood={tmp_path}",))
     with pytest.raises(UserError, match=r"'test' is already a set's name"):
         PerfConfig(eval_set=(f"test={good}",))
     with pytest.raises(UserError, match=r"--eval-set ood: labels 'awful' are not the model's \('fresh', 'rotten'\)"):
         load_eval_set(good, "ood", ["fresh", "rotten"])
-    with pytest.raises(UserError, match="has no text column|no column|text"):
+    with pytest.raises(UserError, match="--eval-set bad: .* needs columns named text and label; .* no column"):
         bad = tmp_path / "bad.csv"
         pd.DataFrame([("fine", "fresh")], columns=["sentence", "label"]).to_csv(bad, index=False)
         load_eval_set(bad, "bad", ["fresh", "rotten"])

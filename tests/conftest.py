@@ -1,9 +1,8 @@
 """Shared fixtures: one tiny but real fine-tuning run that every stage's tests reuse.
 
 ``tiny_model`` trains once per session; ``tiny_fp32`` exports only onnx-fp32 from it (what
-the serving tests need, in seconds); ``tiny_int8`` int8-dynamic and its sources (the batch
-invariance tests); ``tiny_variants`` builds every CPU recipe (the export and perf matrix,
-marked slow).
+the serving tests need, in seconds); ``tiny_variants`` builds every CPU recipe (the export,
+perf and batch-invariance tests, marked slow).
 """
 
 from __future__ import annotations
@@ -92,12 +91,6 @@ def tiny_fp32(tiny_model, tmp_path_factory) -> Path:
         _export(tiny_model, out, ("onnx-fp32",))
         (out / ".complete").touch()
     return out
-
-
-@pytest.fixture(scope="session")
-def tiny_int8(tiny_model, tmp_path_factory) -> Path:
-    """A variants dir holding int8-dynamic and its sources (onnx-fp32, onnx-opt)."""
-    return _export(tiny_model, tmp_path_factory.mktemp("stage") / "int8", ("int8-dynamic",))
 
 
 @pytest.fixture(scope="session")

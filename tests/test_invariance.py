@@ -16,12 +16,12 @@ from serve.contract import TrainManifest, VariantRecord, VariantsManifest, read
 from train.data import load_splits, spec_from_description
 
 FIELDS = {"texts", "batches", "max_abs_prob_diff", "label_flips", "invariant", "tolerance"}
-pytestmark = pytest.mark.slow  # builds its own int8 export of the tiny model (~25 s)
+pytestmark = pytest.mark.slow  # reads the tiny model's full recipe matrix (tests/conftest.py: tiny_variants)
 
 
 @pytest.fixture(scope="module")
-def manifest(tiny_int8) -> VariantsManifest:
-    return read(tiny_int8, VariantsManifest)
+def manifest(tiny_variants) -> VariantsManifest:
+    return read(tiny_variants, VariantsManifest)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def int8(manifest) -> tuple[VariantRecord, OnnxClassifier]:
 
 
 def test_export_records_batch_invariance_of_every_variant(manifest):
-    assert [v.name for v in manifest.ok()] == ["onnx-fp32", "onnx-opt", "int8-dynamic"]
+    assert {"onnx-fp32", "onnx-opt", "int8-dynamic"} <= {v.name for v in manifest.ok()}
     for entry in manifest.ok():
         inv = manifest.load(entry).batch_invariance
         assert set(inv) == FIELDS, entry.name

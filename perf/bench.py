@@ -194,8 +194,9 @@ def run(config: PerfConfig) -> dict:
         raise UserError(f"baseline model {model_dir} is missing; pass --model with the fine-tuned model directory")
     splits = load_splits(spec_from_description(manifest.data))
     check_rebuilt(splits, manifest.data)
+    eval_sets = config.eval_sets
     sets = {"validation": splits.validation, "test": splits.test}
-    sets |= {name: load_eval_set(path, name, reference.labels) for name, path in config.eval_sets.items()}
+    sets |= {name: load_eval_set(path, name, reference.labels) for name, path in eval_sets.items()}
     if config.max_eval_samples:
         sets = {name: frame.iloc[: config.max_eval_samples] for name, frame in sets.items()}
     texts = sets["test"]["text"].tolist()  # what the speed scenarios run
@@ -236,9 +237,9 @@ def run(config: PerfConfig) -> dict:
     engines = {e["name"]: make_engine(e, spec) for e in tqdm(entries, desc="load engines")}
     _score_entries(entries, engines, sets, reference.labels, config.seed)
     for entry in entries:
-        invariance = getattr(records.get(entry["name"]), "batch_invariance", None)
-        if invariance:
-            entry["batch_invariance"] = invariance
+        record = records.get(entry["name"])  # None for the baselines
+        if record and record.batch_invariance:
+            entry["batch_invariance"] = record.batch_invariance
     if "single" in config.scenarios:
         _single_stream(entries, engines, texts, config)
     if "offline" in config.scenarios:
@@ -266,7 +267,7 @@ def run(config: PerfConfig) -> dict:
     report.add_ratios(results, BASELINE_A, BASELINE_B)
     report.mark_pareto(results)
     results["selection"] = select(
-        entries, config.budget, ["validation", *config.eval_sets], accept_unresolved=config.accept_unresolved
+        entries, config.budget, ["validation", *eval_sets], accept_unresolved=config.accept_unresolved
     )
     if "offline" in config.scenarios and 32 in config.offline_batches:
         results["int8_efficiency"] = _int8_efficiency(results, records, texts, threads)
@@ -409,8 +410,6 @@ def load_eval_set(path: Path, name: str, label_names: list[str]):
     """
     import pandas as pd
 
-    if path.is_dir():
-        raise UserError(f"--eval-set {name}: {path} is a directory; expected a CSV/TSV/JSONL file")
     try:
         source = read_source(DataSpec(source=str(path)))
     except UserError as err:

@@ -75,6 +75,11 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def sha256_text(text: str) -> str:
+    """Hex sha256 of a string's UTF-8 bytes."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def describe_files(directory: Path, names: list[str] | None = None) -> dict[str, dict]:
     """``{name: {"bytes": int, "sha256": hex}}`` for ``names`` (default: every file in ``directory``)."""
     paths = [directory / n for n in names] if names else sorted(p for p in directory.iterdir() if p.is_file())

@@ -20,6 +20,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach a hub
 
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = REPO / ".tools"
+# Every recipe export/ builds without a GPU, in the order it builds them.
+CPU_RECIPES = (
+    "onnx-fp32",
+    "onnx-opt",
+    "int8-dynamic",
+    "int8-static",
+    "pruned-fp32",
+    "pruned-int8",
+    "pruned-int8-static",
+    "pruned-l3-fp32",
+    "pruned-l3-int8",
+)
 
 
 def _stage_dir(tmp_path_factory, name: str) -> tuple[Path, bool]:

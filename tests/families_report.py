@@ -19,20 +19,10 @@ from pathlib import Path
 
 from serve.contract import TrainManifest, VariantsManifest, read
 from tests import tiny_families
+from tests.conftest import CPU_RECIPES
 
 # From random weights ALBERT's one shared layer needs more steps to beat the majority class.
 MIN_STEPS = {"albert": 800}
-RECIPES = (
-    "onnx-fp32",
-    "onnx-opt",
-    "int8-dynamic",
-    "int8-static",
-    "pruned-fp32",
-    "pruned-int8",
-    "pruned-int8-static",
-    "pruned-l3-fp32",
-    "pruned-l3-int8",
-)
 
 
 def measure(name: str, root: Path, steps: int, sentences: list[str]) -> dict:
@@ -84,12 +74,12 @@ def measure(name: str, root: Path, steps: int, sentences: list[str]) -> dict:
 
 
 def tables(results: list[dict]) -> str:
-    head = "| family | " + " | ".join(RECIPES) + " |"
-    lines = [head, "|---" * (len(RECIPES) + 1) + "|"]
+    head = "| family | " + " | ".join(CPU_RECIPES) + " |"
+    lines = [head, "|---" * (len(CPU_RECIPES) + 1) + "|"]
     notes = {}
     for r in results:
         cells = []
-        for recipe in RECIPES:
+        for recipe in CPU_RECIPES:
             status, error = r["status"][recipe]
             if status == "ok":
                 cells.append("✓")

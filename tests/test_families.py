@@ -27,23 +27,13 @@ from serve import families
 from serve.classifier import OnnxClassifier
 from serve.contract import Selection, TrainManifest, UserError, VariantsManifest, read
 from tests import tiny_families
-from tests.conftest import REPO
+from tests.conftest import CPU_RECIPES, REPO
 
 pytestmark = pytest.mark.families
 
 # BERT itself goes through every stage in the other tests, as the real all-MiniLM-L6-v2 (conftest.py)
 FAMILIES = [name for name in tiny_families.SPECS if name != "bert"]
-RECIPES = [
-    "onnx-fp32",
-    "onnx-opt",
-    "int8-dynamic",
-    "int8-static",
-    "pruned-fp32",
-    "pruned-int8",
-    "pruned-int8-static",
-    "pruned-l3-fp32",
-    "pruned-l3-int8",
-]
+RECIPES = list(CPU_RECIPES)
 # Recipes that do not apply, with a word of the reason the manifest must give.
 SKIPPED = {"deberta-v2": {"int8-static": "subgraphs", "pruned-int8-static": "subgraphs"}}
 MAX_LENGTH = 48

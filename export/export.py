@@ -171,7 +171,7 @@ def export(config: ExportConfig) -> VariantsManifest:
     host = machine.describe()
     cuda = host["cuda"] and config.device != "cpu"
     isa = machine.resolve_isa(config.isa, host)
-    recipes = _select_recipes(config.recipes, cuda)
+    recipes = select_recipes(config.recipes, cuda)
     splits = _load_data(config, train_manifest)
     splits.label_names = _model_labels(model_config, splits.label_names)
     # without a training manifest: 128 tokens, or fewer if the model has fewer positions
@@ -383,7 +383,12 @@ def _check_output(out: Path, overwrite: bool) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
 
 
-def _select_recipes(names: tuple[str, ...], cuda: bool) -> list[Recipe]:
+def select_recipes(names: tuple[str, ...], cuda: bool) -> list[Recipe]:
+    """The recipes to build, in build order: ``names`` (or every default one that runs here) and their sources.
+
+    Raises:
+        UserError: a named recipe needs CUDA and there is none.
+    """
     chosen = [BY_NAME[n] for n in names] if names else [r for r in RECIPES if r.default and (cuda or not r.needs_cuda)]
     for recipe in chosen:
         if recipe.needs_cuda and not cuda:

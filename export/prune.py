@@ -18,7 +18,9 @@ FFN neurons.
    (not zeroed weights): transformers' ``prune_heads`` where it is correct for the family,
    otherwise the same cut made here on the projections (``prune_linear_layer``); FFN neurons
    always here.
-4. Recovery: a short fine-tune distils from the unpruned model (logit KD), see export.py.
+4. Recovery: a fine-tune distils from the unpruned model (export/distill.py): logit KD on the
+   training split, or, for the shallow students, intermediate-layer distillation on a larger
+   transfer set (export/transfer.py).
 
 The kept indices are saved in ``pruning.json`` so ``load_pruned`` rebuilds the module shapes.
 """
@@ -268,6 +270,32 @@ def apply_layers(model, layers: list[int]) -> None:
     """Keep only ``layers`` (original numbering) of the encoder."""
     if layers != list(range(layer_count(model))):
         _keep_layers(model, _family(model).encoder_layers(model), layers)
+
+
+def teacher_layers(teacher, kept: list[int]) -> list[int]:
+    """The teacher layer each student layer imitates in intermediate-layer distillation: the one
+    it was cut from (``kept``, as ``choose_layers`` returns it).
+
+    ALBERT runs one shared layer ``layer_count`` times and a student keeps the first passes;
+    there the student's passes spread evenly over the teacher's, ending at its last (TinyBERT's
+    uniform map), so the last pass still learns the teacher's final representation.
+    """
+    if not _family(teacher).shared_layers:
+        return list(kept)
+    count = layer_count(teacher)
+    return [round((j + 1) * count / len(kept)) - 1 for j in range(len(kept))]
+
+
+def kept_heads(teacher, prune_plan: PrunePlan) -> list[list[int]]:
+    """The teacher heads each student layer (ALBERT: pass) keeps, in their original order.
+
+    transformers' ``prune_heads`` and ``_cut_heads`` both keep the surviving heads in order, so
+    head ``i`` of student layer ``j`` is head ``kept_heads(...)[j][i]`` of its teacher layer.
+    """
+    family = _family(teacher)
+    count = heads_of(family, family.encoder_layers(teacher)[0])
+    removed = [set(prune_plan.heads.get(0 if family.shared_layers else j, [])) for j in range(len(prune_plan.layers))]
+    return [[h for h in range(count) if h not in gone] for gone in removed]
 
 
 def save_pruned(model, prune_plan: PrunePlan, out: Path, base_config: dict) -> None:

@@ -401,8 +401,8 @@ def prune_and_distil(ctx: Context, source: None, target: Path, keep_layers: int 
         data = transfer.build(ctx.splits, config.seed)
         print(f"[{name}] transfer set: {len(data.texts):,} texts ({_parts(data.parts)})", flush=True)
         intermediate = Intermediate(
-            teacher_layers=_teacher_layers(ctx.family, layers, prune.layer_count(teacher)),
-            teacher_heads=_kept_heads(ctx.family, teacher, plan, len(layers)),
+            teacher_layers=prune.teacher_layers(teacher, layers),
+            teacher_heads=prune.kept_heads(teacher, plan),
         )
         texts, labels, epochs = data.texts, data.labels, config.student_epochs
     else:
@@ -426,6 +426,7 @@ def prune_and_distil(ctx: Context, source: None, target: Path, keep_layers: int 
         seed=config.seed,
         intermediate=intermediate,
         probe_texts=probe,
+        cuda=ctx.cuda,
     )
     if data is not None:
         distillation["transfer_set"] = data.parts
@@ -467,25 +468,6 @@ def prune_and_distil(ctx: Context, source: None, target: Path, keep_layers: int 
         "pytorch_weights": f"torch/{name}/",
     }
     return Built(details, reference=reference, pruning=pruning)
-
-
-def _teacher_layers(family: Family, kept: list[int], count: int) -> list[int]:
-    """The teacher layer each student layer imitates: the one it was cut from.
-
-    ALBERT runs one shared layer ``count`` times and a student keeps the first passes; there
-    the student's passes spread evenly over the teacher's, ending at its last (TinyBERT's
-    uniform map), so the last pass still learns the teacher's final representation.
-    """
-    if not family.shared_layers:
-        return list(kept)
-    return [round((j + 1) * count / len(kept)) - 1 for j in range(len(kept))]
-
-
-def _kept_heads(family: Family, teacher, plan: prune.PrunePlan, passes: int) -> list[list[int]]:
-    """The teacher heads each student layer (pass) keeps, in order (ALBERT: its one shared layer's)."""
-    count = prune.heads_of(family, family.encoder_layers(teacher)[0])
-    removed = [set(plan.heads.get(0 if family.shared_layers else j, [])) for j in range(passes)]
-    return [[h for h in range(count) if h not in gone] for gone in removed]
 
 
 def _parts(parts: dict[str, int]) -> str:

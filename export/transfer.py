@@ -65,11 +65,16 @@ def build(splits: Splits, seed: int, augment_copies: int = 1, max_words: int = 6
 
 
 def in_domain_sentences(splits: Splits, max_words: int) -> list[str]:
-    """Sentences of the default corpus's plot summaries, except those of validation and test movies."""
+    """Sentences of the default corpus's plot summaries, except those of validation and test movies.
+
+    None when the data was not split by movie (another ``--group-column``): then no plot is known
+    to be of a training movie.
+    """
+    if splits.spec.group_column != "movie_name" or splits.groups is None:
+        return []  # split by something else: a held-out movie's plot cannot be told apart
     plots = default_plot_summaries()
-    if splits.groups is not None:
-        held_out = set(splits.groups["validation"]) | set(splits.groups["test"])
-        plots = plots[~plots["group"].isin(held_out)]
+    held_out = set(splits.groups["validation"]) | set(splits.groups["test"])
+    plots = plots[~plots["group"].isin(held_out)]
     sentences = []
     for text in plots["text"]:
         for sentence in _SENTENCE_END.split(" ".join(text.split())):
@@ -80,8 +85,9 @@ def in_domain_sentences(splits: Splits, max_words: int) -> list[str]:
 
 
 def augment(text: str, corpus: list[str], rng: np.random.Generator, p_drop: float = 0.1, p_swap: float = 0.1) -> str:
-    """``text`` with each word dropped (probability ``p_drop``) or replaced by a random word of a
-    random ``corpus`` sentence (``p_swap``); at least one word is kept."""
+    """``text`` with each word dropped (probability ``p_drop``) or replaced (``p_swap``) by a random
+    word of a random ``corpus`` sentence (so words of short sentences come up more often); at least
+    one word is kept."""
     words = text.split()
     out = []
     for word in words:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -30,9 +31,12 @@ def test_transfer_set_adds_unlabelled_text_but_none_of_held_out_movies(splits):
     # no sentence of a validation or test movie's plot summary is learnt from
     plots = default_plot_summaries()
     held_out = set(splits.groups["validation"]) | set(splits.groups["test"])
-    held_out_text = " ".join(plots[plots["group"].isin(held_out)]["text"])
+    held_out_text = " ".join(" ".join(t.split()) for t in plots[plots["group"].isin(held_out)]["text"])
     ours = transfer.in_domain_sentences(splits, max_words=64)
-    assert held_out_text and not any(s in held_out_text for s in ours if len(s.split()) > 8)
+    assert held_out_text and not any(s in held_out_text for s in ours if len(s.split()) >= 6)
+    # split by another column, a held-out movie's plot cannot be told apart: no plots then
+    other = dataclasses.replace(splits, spec=dataclasses.replace(splits.spec, group_column="critic"), groups=None)
+    assert transfer.in_domain_sentences(other, max_words=64) == []
 
 
 def test_transfer_set_of_other_data_is_the_training_split_and_its_augmentations(tmp_path, splits):
@@ -54,6 +58,57 @@ def test_augmentation_is_seeded_and_keeps_a_word():
     assert transfer.augment("one", corpus, np.random.default_rng(0), p_drop=1.0) == "one"
     changed = transfer.augment(corpus[0] * 5, corpus, np.random.default_rng(0), p_drop=0.3, p_swap=0.3)
     assert changed != corpus[0] * 5
+
+
+def test_student_heads_map_onto_the_teacher_heads_they_were_cut_from(tiny_model):
+    """After head pruning (and layer dropping), the first kept layer sees the teacher's input,
+    so its remaining heads' attention maps are exactly the mapped teacher heads' maps."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    teacher = AutoModelForSequenceClassification.from_pretrained(tiny_model).eval()
+    batch = tokenizer(["a warm, funny film", "tedious and far too long"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = teacher(**batch, output_attentions=True).attentions
+    for plan in (
+        prune.PrunePlan(layers=list(range(6)), heads={0: [0, 5, 11], 1: [3]}, neurons={}),
+        prune.PrunePlan(layers=[0, 3, 5], heads={0: [2, 7], 2: [0]}, neurons={}),
+    ):
+        student = prune.apply(copy.deepcopy(teacher), plan).eval()
+        heads = prune.kept_heads(teacher, plan)
+        assert [len(h) for h in heads] == [12 - len(plan.heads.get(j, [])) for j in range(len(plan.layers))]
+        assert prune.teacher_layers(teacher, plan.layers) == plan.layers
+        with torch.no_grad():
+            got = student(**batch, output_attentions=True).attentions
+        assert torch.allclose(got[0], expected[0][:, heads[0]], atol=1e-6)
+        assert not torch.allclose(got[0], expected[0][:, : len(heads[0])], atol=1e-3)  # a wrong map shows
+
+
+def test_albert_passes_map_evenly_onto_the_teacher_passes():
+    from transformers import AlbertConfig, AlbertForSequenceClassification
+
+    config = AlbertConfig(
+        vocab_size=100,
+        embedding_size=16,
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_hidden_layers=6,
+    )
+    teacher = AlbertForSequenceClassification(config)
+    assert prune.teacher_layers(teacher, [0, 1, 2]) == [1, 3, 5]
+    plan = prune.PrunePlan(layers=[0, 1, 2], heads={0: [1]}, neurons={})
+    assert prune.kept_heads(teacher, plan) == [[0, 2, 3]] * 3  # one shared layer: the same heads every pass
+
+
+def test_default_recipes_hold_the_4_layer_student_and_not_the_3_layer_one():
+    from export.export import select_recipes
+
+    default = [r.name for r in select_recipes((), cuda=False)]
+    assert {"pruned-l4-fp32", "pruned-l4-int8", "pruned-l4-int8-static"} <= set(default)
+    assert not any(name.startswith("pruned-l3") for name in default) and "onnx-fp16" not in default
+    assert [r.name for r in select_recipes(("pruned-l3-int8",), cuda=False)] == ["pruned-l3-fp32", "pruned-l3-int8"]
 
 
 def test_intermediate_distillation_lowers_each_of_its_losses(tiny_model, splits, tmp_path):

@@ -633,7 +633,7 @@ RECIPES: tuple[Recipe, ...] = (
     ),
     # Not built by default: on the default data its validation accuracy after the student
     # distillation (0.8025) was no better than after logit distillation alone (0.8032), three
-    # points short of the budget, for 7 more minutes of export (README, export/).
+    # points short of the budget, for 7 more minutes of export (README, Results).
     Recipe(
         "pruned-l3-fp32",
         "fp32",

@@ -41,6 +41,7 @@ class Intermediate:
             "method": "hidden-state MSE (TinyBERT) and attention-distribution KL (TinyBERT, MiniLM) "
             "per student layer, against the teacher layer and heads it was cut from, plus the output loss",
             "teacher_layers": self.teacher_layers,
+            "teacher_heads": self.teacher_heads,
             "heads_per_student_layer": [len(h) for h in self.teacher_heads],
             "hidden_weight": self.hidden_weight,
             "attention_weight": self.attention_weight,

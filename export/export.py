@@ -30,6 +30,7 @@ reason; perf/ and serve/ only ever use variants whose status is "ok".
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -106,7 +107,10 @@ class ExportConfig:
     )
     distill_epochs: float = field(default=2.0, metadata={"help": "epochs of distillation after pruning"})
     distill_max_steps: int = field(
-        default=-1, metadata={"help": "cap on distillation steps (-1: use --distill-epochs)"}
+        default=-1,
+        metadata={
+            "help": "cap on the distillation steps of every pruned recipe (-1: --distill-epochs / --student-epochs)"
+        },
     )
     student_epochs: float = field(
         default=1.0,
@@ -138,17 +142,12 @@ class ExportConfig:
         for name in ("calibration_samples", "importance_samples", "probe_samples", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1")
-        if (
-            not 0 <= self.distill_alpha <= 1
-            or self.distill_temperature <= 0
-            or self.distill_learning_rate <= 0
-            or self.distill_epochs <= 0
-            or self.student_epochs <= 0
-        ):
-            raise UserError(
-                "--distill-alpha must lie in [0, 1]; --distill-temperature, --distill-learning-rate, "
-                "--distill-epochs and --student-epochs must be positive"
-            )
+        if not 0 <= self.distill_alpha <= 1:  # NaN fails this too
+            raise UserError(f"--distill-alpha must lie in [0, 1], got {self.distill_alpha}")
+        for name in ("distill_temperature", "distill_learning_rate", "distill_epochs", "student_epochs"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
 
 
 def main(argv: list[str] | None = None) -> VariantsManifest:

@@ -105,7 +105,9 @@ def layer_count(model) -> int:
 def cannot_drop_layers(model, keep: int) -> str | None:
     """Why ``keep`` layers cannot be chosen from ``model`` (None: they can)."""
     count = layer_count(model)
-    if keep >= count:
+    if keep > count:
+        return f"the model has {count} layers, fewer than the {keep} this recipe keeps"
+    if keep == count:
         return f"the model has {count} layers; keeping {keep} drops none"
     if _family(model).shared_layers and model.config.num_hidden_groups != 1:
         return f"ALBERT with {model.config.num_hidden_groups} layer groups: only one shared group can run fewer times"

@@ -438,7 +438,8 @@ def prune_and_distil(ctx: Context, source: None, target: Path, keep_layers: int 
             shutil.copy2(ctx.model_dir / aux, target / aux)
 
     pruning = {
-        "method": "greedy layer dropping by training loss, then first-order Taylor importance of heads "
+        "method": ("greedy layer dropping by training loss, then " if keep_layers else "")
+        + "first-order Taylor importance of heads "
         "(Michel et al. 2019) and FFN neurons, the least important share of each removed, "
         + (
             "then intermediate-layer and logit distillation from the unpruned model on a transfer set"

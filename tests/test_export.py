@@ -76,6 +76,7 @@ def test_shallow_students_distil_layer_by_layer_on_the_transfer_set(records):
         assert len(report["kept_layers"]) == layers
         assert distillation["intermediate"]["teacher_layers"] == report["kept_layers"]
         assert distillation["intermediate"]["heads_per_student_layer"] == report["heads_per_layer"]
+        assert [len(h) for h in distillation["intermediate"]["teacher_heads"]] == report["heads_per_layer"]
         parts = distillation["transfer_set"]
         assert parts["training split"] == parts["augmented training sentences"] == 256
         assert parts["plot summaries, as sentences"] > 4000 and parts["Guardian headlines"] > 4000
@@ -180,6 +181,16 @@ def test_cli_errors_are_one_line(tmp_path):
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: model directory")
     proc = subprocess.run([sys.executable, "-m", "export", "--isa", "sse"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_distillation_lengths_must_be_finite_and_positive(value):
+    with pytest.raises(UserError, match=f"--student-epochs must be a positive number, got {value}"):
+        ExportConfig(student_epochs=float(value))
+    with pytest.raises(UserError, match="--distill-epochs must be a positive number"):
+        ExportConfig(distill_epochs=float(value))
+    with pytest.raises(UserError, match="--distill-alpha must lie in"):
+        ExportConfig(distill_alpha=float("nan"))
 
 
 def test_isa_resolution():

